@@ -1,0 +1,36 @@
+"""optax_snr: Adam read as a pseudo signal-to-noise ratio, built from Optax stages.
+
+Each stage is one :class:`optax.GradientTransformation`, chained with
+:func:`optax.chain`::
+
+    ema_moments       signal m and noise v: EMAs of g and |g|^2
+    bias_correction   m_hat, v_hat: undo the zero initialization; owns ``count``
+    scale_by_snr      m_hat / (sqrt(v_hat) + eps)
+    optax.scale_by_learning_rate
+
+:func:`adam` is that chain, a bit-exact drop-in for :func:`optax.adam`.
+"""
+
+from optax_snr.adam import adam as adam
+from optax_snr.adam import scale_by_adam as scale_by_adam
+from optax_snr.bias_correction import BiasCorrectionState as BiasCorrectionState
+from optax_snr.bias_correction import bias_correction as bias_correction
+from optax_snr.dtypes import compute_dtype as compute_dtype
+from optax_snr.ema_moments import EmaMomentsState as EmaMomentsState
+from optax_snr.ema_moments import Moments as Moments
+from optax_snr.ema_moments import ema_moments as ema_moments
+from optax_snr.scale_by_snr import scale_by_snr as scale_by_snr
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BiasCorrectionState",
+    "EmaMomentsState",
+    "Moments",
+    "adam",
+    "bias_correction",
+    "compute_dtype",
+    "ema_moments",
+    "scale_by_adam",
+    "scale_by_snr",
+]

@@ -1,0 +1,33 @@
+"""Dtype rules shared by the stages, spelled out so they run under strict promotion."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["compute_dtype", "promote"]
+
+
+def promote(*dtypes: jax.typing.DTypeLike) -> jnp.dtype:
+    """JAX's standard promotion of ``dtypes``, whatever the promotion mode.
+
+    Under ``jax.numpy_dtype_promotion("strict")`` no implicit promotion exists,
+    so the stages name the dtype they compute in and cast every operand to it.
+    This function picks that dtype with the standard rules (the ones Optax's
+    arithmetic implicitly follows), which keeps results bit-identical.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(*dtypes) if len(dtypes) == 2 else jnp.result_type(*dtypes)
+
+
+def compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
+    """The dtype a moment is debiased and divided in: float32 for 16-bit floats.
+
+    float16 cannot represent the default ``eps=1e-8`` (it rounds to zero) and
+    overflows at 65504, so 16-bit moments are promoted to float32 for the
+    arithmetic after the EMA. The buffers in the state keep their own dtype.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return dtype

@@ -1,0 +1,96 @@
+"""Shared test helpers: tree comparison, reference runs and test problems."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@contextlib.contextmanager
+def standard_promotion() -> Iterator[None]:
+    """Runs Optax (which needs implicit promotion) inside the strict suite."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+def tree_max_abs_diff(a: Any, b: Any) -> float:
+    """The largest absolute elementwise difference between two trees."""
+    diffs = jax.tree.map(
+        lambda x, y: float(
+            np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0)
+        ),
+        a,
+        b,
+    )
+    return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def assert_trees_bitwise_equal(a: Any, b: Any) -> None:
+    """Every leaf equal bit for bit, with the same dtype and shape."""
+    chex.assert_trees_all_equal_structs(a, b)
+    chex.assert_trees_all_equal_dtypes(a, b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape
+        worst = np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0)
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), (
+            f"not bit-identical: max |diff| = {worst}"
+        )
+
+
+def multi_leaf_params(dtype: Any = jnp.float32) -> dict[str, Any]:
+    """A small pytree with matrices, vectors and a scalar, nested two deep."""
+    key = jax.random.PRNGKey(42)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {
+        "dense": {
+            "kernel": jax.random.normal(k1, (4, 3), dtype),
+            "bias": jax.random.normal(k2, (3,), dtype),
+        },
+        "out": [jax.random.normal(k3, (3, 2), dtype), jax.random.normal(k4, (), dtype)],
+    }
+
+
+def noisy_grad(params: Any, step: jax.Array) -> Any:
+    """A deterministic, step-dependent gradient with signal and noise parts.
+
+    The gradient of ``0.5 * ||p||^2`` (the signal, pulling towards zero) plus a
+    sinusoidal term that changes sign with the step (the noise).
+    """
+    step = jnp.asarray(step, jnp.float32)
+
+    def leaf(p):
+        phase = jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)
+        noise = jnp.sin(phase * 1.7 + step * 0.9).astype(p.dtype)
+        return p + jnp.asarray(0.3, p.dtype) * noise
+
+    return jax.tree.map(leaf, params)
+
+
+def run_optimizer(
+    tx: optax.GradientTransformation,
+    params: Any,
+    num_steps: int,
+    *,
+    jit: bool = True,
+    grad_fn: Callable[[Any, jax.Array], Any] = noisy_grad,
+) -> tuple[Any, Any]:
+    """Runs ``num_steps`` of ``tx`` on ``grad_fn``; returns (params, state)."""
+
+    def step(p, s, i):
+        updates, s = tx.update(grad_fn(p, i), s, p)
+        return optax.apply_updates(p, updates), s
+
+    if jit:
+        step = jax.jit(step)
+    state = tx.init(params)
+    for i in range(num_steps):
+        params, state = step(params, state, jnp.asarray(i, jnp.int32))
+    return params, state
