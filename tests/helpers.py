@@ -37,9 +37,9 @@ def assert_trees_bitwise_equal(a: Any, b: Any) -> None:
     chex.assert_trees_all_equal_structs(a, b)
     chex.assert_trees_all_equal_dtypes(a, b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
+        x, y = np.atleast_1d(np.asarray(x)), np.atleast_1d(np.asarray(y))
         assert x.shape == y.shape
-        worst = np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0)
+        worst = np.max(np.abs(x.astype(np.complex128) - y.astype(np.complex128)), initial=0.0)
         assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), (
             f"not bit-identical: max |diff| = {worst}"
         )
