@@ -15,6 +15,11 @@ from optax_snr.adam import adam as adam
 from optax_snr.adam import scale_by_adam as scale_by_adam
 from optax_snr.bias_correction import BiasCorrectionState as BiasCorrectionState
 from optax_snr.bias_correction import bias_correction as bias_correction
+from optax_snr.diagnostics import SnrDiagnostics as SnrDiagnostics
+from optax_snr.diagnostics import SnrSummary as SnrSummary
+from optax_snr.diagnostics import Summary as Summary
+from optax_snr.diagnostics import flatten_diagnostics as flatten_diagnostics
+from optax_snr.diagnostics import snr_diagnostics as snr_diagnostics
 from optax_snr.dtypes import compute_dtype as compute_dtype
 from optax_snr.ema_moments import EmaMomentsState as EmaMomentsState
 from optax_snr.ema_moments import Moments as Moments
@@ -27,10 +32,15 @@ __all__ = [
     "BiasCorrectionState",
     "EmaMomentsState",
     "Moments",
+    "SnrDiagnostics",
+    "SnrSummary",
+    "Summary",
     "adam",
     "bias_correction",
     "compute_dtype",
     "ema_moments",
+    "flatten_diagnostics",
     "scale_by_adam",
     "scale_by_snr",
+    "snr_diagnostics",
 ]
