@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_snr import validation
-from optax_snr.dtypes import promote
+from optax_snr.dtypes import compute_dtype, promote
 
 __all__ = ["EmaMomentsState", "Moments", "ema", "ema_moments"]
 
@@ -53,9 +53,16 @@ def ema(x: jax.Array, moment: jax.Array, decay: Any) -> jax.Array:
 
 
 def _squared_magnitude(g: jax.Array) -> jax.Array:
-    """|g|^2: ``g ** 2`` for real ``g``, ``(conj(g) * g).real`` for complex."""
+    """|g|^2: ``g ** 2`` for real ``g``, ``(conj(g) * g).real`` for complex.
+
+    16-bit floats are squared in float32 (:func:`compute_dtype`): in float16,
+    ``g ** 2`` overflows to inf for ``|g| >= 256`` and vanishes for
+    ``|g| < 2.4e-4``, which turns the step into 0 or into ``g / eps``. Other
+    dtypes are squared in their own dtype, as Optax does.
+    """
     if jnp.iscomplexobj(g):
         return (g.conj() * g).real
+    g = g.astype(compute_dtype(g.dtype))
     return g**2
 
 
