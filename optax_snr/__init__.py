@@ -24,6 +24,8 @@ from optax_snr.dtypes import compute_dtype as compute_dtype
 from optax_snr.ema_moments import EmaMomentsState as EmaMomentsState
 from optax_snr.ema_moments import Moments as Moments
 from optax_snr.ema_moments import ema_moments as ema_moments
+from optax_snr.faults import SkipNonfiniteState as SkipNonfiniteState
+from optax_snr.faults import skip_nonfinite as skip_nonfinite
 from optax_snr.scale_by_snr import scale_by_snr as scale_by_snr
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ __all__ = [
     "BiasCorrectionState",
     "EmaMomentsState",
     "Moments",
+    "SkipNonfiniteState",
     "SnrDiagnostics",
     "SnrSummary",
     "Summary",
@@ -42,5 +45,6 @@ __all__ = [
     "flatten_diagnostics",
     "scale_by_adam",
     "scale_by_snr",
+    "skip_nonfinite",
     "snr_diagnostics",
 ]
