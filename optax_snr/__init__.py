@@ -11,10 +11,19 @@ Each stage is one :class:`optax.GradientTransformation`, chained with
 :func:`adam` is that chain, a bit-exact drop-in for :func:`optax.adam`.
 """
 
+from optax_snr.adabelief import adabelief as adabelief
 from optax_snr.adam import adam as adam
 from optax_snr.adam import scale_by_adam as scale_by_adam
+from optax_snr.adamw import adamw as adamw
+from optax_snr.ademamix import ademamix as ademamix
+from optax_snr.adopt import ScaleByAdoptState as ScaleByAdoptState
+from optax_snr.adopt import adopt as adopt
+from optax_snr.adopt import scale_by_adopt as scale_by_adopt
+from optax_snr.amsgrad import amsgrad as amsgrad
 from optax_snr.bias_correction import BiasCorrectionState as BiasCorrectionState
 from optax_snr.bias_correction import bias_correction as bias_correction
+from optax_snr.centered_moments import CenteredMomentsState as CenteredMomentsState
+from optax_snr.centered_moments import centered_moments as centered_moments
 from optax_snr.diagnostics import SnrDiagnostics as SnrDiagnostics
 from optax_snr.diagnostics import SnrSummary as SnrSummary
 from optax_snr.diagnostics import Summary as Summary
@@ -26,24 +35,45 @@ from optax_snr.ema_moments import Moments as Moments
 from optax_snr.ema_moments import ema_moments as ema_moments
 from optax_snr.faults import SkipNonfiniteState as SkipNonfiniteState
 from optax_snr.faults import skip_nonfinite as skip_nonfinite
+from optax_snr.max_noise import MaxNoiseState as MaxNoiseState
+from optax_snr.max_noise import max_noise as max_noise
+from optax_snr.mixed_signal import MixedSignalState as MixedSignalState
+from optax_snr.mixed_signal import mixed_signal as mixed_signal
+from optax_snr.nadam import nadam as nadam
+from optax_snr.nadam import nadamw as nadamw
 from optax_snr.scale_by_snr import scale_by_snr as scale_by_snr
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BiasCorrectionState",
+    "CenteredMomentsState",
     "EmaMomentsState",
+    "MaxNoiseState",
+    "MixedSignalState",
     "Moments",
+    "ScaleByAdoptState",
     "SkipNonfiniteState",
     "SnrDiagnostics",
     "SnrSummary",
     "Summary",
+    "adabelief",
     "adam",
+    "adamw",
+    "ademamix",
+    "adopt",
+    "amsgrad",
     "bias_correction",
+    "centered_moments",
     "compute_dtype",
     "ema_moments",
     "flatten_diagnostics",
+    "max_noise",
+    "mixed_signal",
+    "nadam",
+    "nadamw",
     "scale_by_adam",
+    "scale_by_adopt",
     "scale_by_snr",
     "skip_nonfinite",
     "snr_diagnostics",

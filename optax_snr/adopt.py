@@ -1,0 +1,242 @@
+"""ADOPT: the ratio first, against the previous step's noise, then its average."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_snr import validation
+from optax_snr.dtypes import compute_dtype, promote
+from optax_snr.ema_moments import _cast_like_state, _squared_magnitude, ema
+
+__all__ = ["ScaleByAdoptState", "adopt", "fourth_root", "scale_by_adopt"]
+
+
+class ScaleByAdoptState(NamedTuple):
+    """State of :func:`scale_by_adopt`: Optax's ``ScaleByAdamState`` fields."""
+
+    count: jax.Array  # shape=(), dtype=jnp.int32.
+    mu: Any  # EMA of the (clipped) ratios g / noise; params' structure, mu_dtype or params'.
+    nu: Any  # EMA of |g|^2, used one step later; params' structure and dtype.
+
+
+def fourth_root(count: jax.Array) -> jax.Array:
+    """ADOPT's default clipping bound, ``count ** 0.25``, under strict promotion too.
+
+    The same value as Optax's default ``lambda x: x**0.25``: the int32 step is
+    cast to the default float dtype first, as standard promotion would do.
+    """
+    return count.astype(jnp.result_type(float)) ** 0.25
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}.")
+
+
+def scale_by_adopt(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.9999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Callable[[jax.Array], jax.Array] = fourth_root,
+) -> optax.GradientTransformation:
+    r"""Averages the per-step ratio of gradient to the previous noise (ADOPT).
+
+    Adam averages first and divides after, so the current gradient is part of
+    the noise it is divided by; ADOPT (Taniguchi et al.) shows that this
+    correlation is what makes Adam diverge for some :math:`\beta_2`, and
+    removes it: each gradient is divided by the noise of the steps *before*
+    it, clipped, and only then averaged into the signal.
+
+    .. math::
+
+        r_t = \mathrm{clip}\left(\frac{g_t}{\max(\sqrt{v_{t-1}}, \epsilon)},
+        \pm c(t)\right), \quad
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) r_t, \quad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2
+
+    Steps count from :math:`t = 0`, which only initializes :math:`v_0 = g_0^2`
+    (its update is zero); no bias correction is needed after that. With
+    ``nesterov=True`` the update is :math:`\beta_1 m_t + (1 - \beta_1) r_t`.
+
+    This order (the ratio before the average, against a lagged noise) does
+    not fit the ``ema_moments -> bias_correction -> scale_by_snr`` chain, so
+    ADOPT is one stage; it reuses the chain's EMA arithmetic and owns the
+    ``count``. It performs :func:`optax.contrib.scale_by_adopt`'s float
+    operations in the same order (bit-identical under ``jax.jit``); updates
+    come back in each gradient's dtype, 16-bit ratios are computed in float32.
+
+    Args:
+      b1: decay of the signal EMA (the average ratio), in [0, 1).
+      b2: decay of the noise EMA, in [0, 1).
+      eps: lower bound of the noise :math:`\sqrt{v}`, ``>= 0``.
+      mu_dtype: dtype of the ``mu`` buffer; ``None`` keeps params'.
+      nesterov: whether to use the look-ahead (Nesterov) signal.
+      use_clipping: whether to clip the ratio to :math:`\pm c(t)`.
+      clip_value_fn: :math:`c`, from the int32 step index (0 at the first
+        step) to the clipping bound. Default :func:`fourth_root`.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`ScaleByAdoptState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax_snr
+      >>> stage = optax_snr.scale_by_adopt(b1=0.5, use_clipping=False)
+      >>> state = stage.init(jnp.zeros(2))
+      >>> for g in ([2.0, -1.0], [4.0, 1.0]):
+      ...   updates, state = stage.update(jnp.array(g), state)
+      >>> updates  # (1 - 0.5) * g_1 / |g_0|
+      Array([1. , 0.5], dtype=float32)
+
+    References:
+      Taniguchi et al., `ADOPT: Modified Adam Can Converge with Any beta2 with
+      the Optimal Rate <https://arxiv.org/abs/2411.02853>`_, NeurIPS 2024.
+    """
+    validation.check_hyperparameter("b1", b1, low=0.0, high=1.0)
+    validation.check_hyperparameter("b2", b2, low=0.0, high=1.0)
+    validation.check_hyperparameter("eps", eps, low=0.0)
+    mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
+    _check_bool("nesterov", nesterov)
+    _check_bool("use_clipping", use_clipping)
+    if not callable(clip_value_fn):
+        raise TypeError(f"clip_value_fn must be callable, got {clip_value_fn!r}.")
+
+    def init_fn(params):
+        validation.check_float_leaves(params, "params", "scale_by_adopt.init")
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)  # First moment (of the ratio).
+        nu = optax.tree.zeros_like(params)  # Second raw moment (of the gradient).
+        return ScaleByAdoptState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        validation.check_matching_trees(updates, state.mu, "scale_by_adopt.update")
+        validation.check_float_leaves(updates, "updates", "scale_by_adopt.update")
+        is_none = lambda x: x is None
+        started = state.count > 0
+        # First step: nu_0 = g_0^2 (decay 0) and mu stays 0 (decay 1).
+        b1_t = jnp.where(started, b1, 1)
+        b2_t = jnp.where(started, b2, 0)
+        clip_value = clip_value_fn(state.count) if use_clipping else None
+
+        def ratio(g, v):  # g / max(sqrt(v_{t-1}), eps), clipped
+            dtype = compute_dtype(promote(g.dtype, v.dtype))
+            noise = jnp.maximum(jnp.sqrt(v.astype(dtype)), jnp.asarray(eps, dtype))
+            r = g.astype(dtype) / noise
+            if clip_value is None:
+                return r
+            c = jnp.asarray(clip_value, dtype)
+            return jnp.clip(r, -c, c)
+
+        ratios = jax.tree.map(
+            lambda g, v: None if g is None else ratio(g, v), updates, state.nu, is_leaf=is_none
+        )
+        mu = jax.tree.map(
+            lambda r, m: None if r is None else ema(r, m, b1_t), ratios, state.mu, is_leaf=is_none
+        )
+        nu = jax.tree.map(
+            lambda g, v: None if g is None else ema(_squared_magnitude(g), v, b2_t),
+            updates,
+            state.nu,
+            is_leaf=is_none,
+        )
+        if nesterov:  # one more EMA step with the same ratio: the signal one step ahead
+            signal = jax.tree.map(
+                lambda r, m: None if r is None else ema(r, m, b1_t), ratios, mu, is_leaf=is_none
+            )
+        else:
+            signal = mu
+        step = jax.tree.map(
+            lambda s, g: None if g is None else s.astype(g.dtype), signal, updates, is_leaf=is_none
+        )
+        new_state = ScaleByAdoptState(
+            count=optax.safe_increment(state.count),
+            mu=_cast_like_state(mu, state.mu),
+            nu=_cast_like_state(nu, state.nu),
+        )
+        return step, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adopt(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.9999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Callable[[jax.Array], jax.Array] = fourth_root,
+) -> optax.GradientTransformationExtraArgs:
+    r"""ADOPT: a drop-in for :func:`optax.contrib.adopt`.
+
+    .. math::
+
+        w_t = w_{t-1} - \alpha \, m_t, \qquad
+        m_t = \mathrm{EMA}_{\beta_1}\left[\mathrm{clip}\left(
+        \frac{g_t}{\max(\sqrt{v_{t-1}}, \epsilon)}\right)\right]
+
+    :func:`scale_by_adopt` followed by Optax's
+    :func:`optax.scale_by_learning_rate`; see :func:`scale_by_adopt` for why
+    ADOPT is one stage. The state holds ``count``, ``mu`` and ``nu``, as
+    Optax's; under ``jax.jit`` the result is bit-identical to
+    :func:`optax.contrib.adopt`.
+
+    Args:
+      learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.
+      b1: decay of the signal EMA (the average ratio), in [0, 1).
+      b2: decay of the noise EMA, in [0, 1).
+      eps: lower bound of the noise :math:`\sqrt{v}`, ``>= 0``.
+      mu_dtype: dtype of the ``mu`` buffer; ``None`` keeps params'.
+      nesterov: whether to use the look-ahead (Nesterov) signal.
+      use_clipping: whether to clip the ratio to :math:`\pm c(t)`; the
+        paper recommends it when training from scratch.
+      clip_value_fn: :math:`c`, from the int32 step index to the clipping
+        bound. Default :func:`fourth_root` (Optax's ``lambda x: x**0.25``).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import optax_snr
+      >>> f = lambda x: jnp.sum(x ** 2)
+      >>> params = jnp.array([1.0, 2.0, 3.0])
+      >>> tx = optax_snr.adopt(learning_rate=0.1)
+      >>> state = tx.init(params)
+      >>> for _ in range(200):
+      ...   updates, state = tx.update(jax.grad(f)(params), state)
+      ...   params = optax.apply_updates(params, updates)
+      >>> bool(f(params) < 0.01)
+      True
+
+    References:
+      Taniguchi et al., `ADOPT: Modified Adam Can Converge with Any beta2 with
+      the Optimal Rate <https://arxiv.org/abs/2411.02853>`_, NeurIPS 2024.
+    """
+    validation.check_learning_rate(learning_rate)
+    return optax.chain(
+        scale_by_adopt(  # averaged ratio g / previous noise; owns count
+            b1,
+            b2,
+            eps,
+            mu_dtype,
+            nesterov=nesterov,
+            use_clipping=use_clipping,
+            clip_value_fn=clip_value_fn,
+        ),
+        optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
+    )
