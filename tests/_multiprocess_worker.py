@@ -14,6 +14,7 @@ with exactly the same code.
 from __future__ import annotations
 
 import faulthandler
+import os
 import sys
 from typing import Any
 
@@ -110,9 +111,14 @@ def main(process_id: int, port: int, out_file: str) -> None:
         np.savez(out_file, **flat)
     multihost_utils.sync_global_devices("optax_snr_multiprocess_done")
     jax.distributed.shutdown()
+    print(f"process {process_id}: done", flush=True)
 
 
 if __name__ == "__main__":
     # A hung collective must not outlive the test: dump the stacks and exit.
     faulthandler.dump_traceback_later(90, exit=True)
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    # Both processes are past the shutdown barrier and the result is written:
+    # skip the interpreter's teardown of the distributed runtime, which can
+    # hang once the other process (the coordinator) has gone.
+    os._exit(0)
