@@ -271,6 +271,29 @@ class SnrDiagnosticsTest(chex.TestCase):
                 diag.overall, hand_diagnostics(grads, 0.9, 0.999, 1e-8)[0], rtol=1e-12
             )
 
+    def test_large_leaves_have_sampled_quantiles(self):
+        # Beyond 32,768 entries the quantiles come from a random sample: their
+        # ranks are within a few tenths of a percent; mean, min and max are exact.
+        rng = np.random.default_rng(1)
+        grads = [
+            {"big": rng.lognormal(size=300_000).astype(np.float32), "small": g["out"]}
+            for g in random_grads(2)
+        ]
+        diag = jax.jit(optax_snr.snr_diagnostics)(feed(optax_snr.adam(1e-2), grads))
+        overall, per_leaf = hand_diagnostics(grads, 0.9, 0.999, 1e-8)
+        for got, values in ((diag.overall, overall), (diag.per_leaf["big"], per_leaf["big"])):
+            for quantity, x in values.items():
+                stats = getattr(got, quantity)
+                mean, low, _, _, _, high = hand_stats(x)
+                np.testing.assert_allclose(
+                    [stats.mean, stats.min, stats.max], [mean, low, high], rtol=3e-5
+                )
+                for level, value in zip(
+                    (0.1, 0.5, 0.9), (stats.q10, stats.median, stats.q90), strict=True
+                ):
+                    rank = np.mean(np.ravel(x) <= float(value))
+                    assert abs(rank - level) < 0.01, (quantity, level, rank)
+
     def test_snr_falls_as_a_noisy_problem_converges(self):
         # The SNR reading: near the optimum only noise is left, so the SNR drops
         # well below its early value while the noise stays of the same order.
