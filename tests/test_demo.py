@@ -116,6 +116,21 @@ def test_more_bad_flags_exit_2(tmp_path, capsys, flags):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_core_and_demo_module_import_without_the_extras():
+    # flax, scikit-learn, matplotlib and tqdm are optional: importing the package,
+    # or the demo module itself (for --help), must not pull them in.
+    code = (
+        "import sys, optax_snr, optax_snr.demo; "
+        "loaded = [m for m in ('flax', 'sklearn', 'matplotlib', 'tqdm') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.parse_args(["--help"])
