@@ -342,9 +342,13 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
 
 def plot(results: Sequence[RunResult], path: str, adam: str = "optax_snr.adam") -> None:
     """Four panels: training loss, test accuracy, Adam's signal and noise, Adam's SNR."""
-    from matplotlib.figure import Figure  # Renders with Agg; pyplot's state is untouched.
+    # Matplotlib's Agg backend, on a Figure of our own: no display is needed and
+    # pyplot's global state (a notebook's backend, say) is left untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 8), layout="constrained")
+    FigureCanvasAgg(fig)
     (ax_loss, ax_acc), (ax_sn, ax_snr) = fig.subplots(2, 2)
     for r in results:
         epochs = [h["epoch"] for h in r.history]

@@ -198,6 +198,15 @@ class SnrDiagnosticsTest(chex.TestCase):
         raw = optax_snr.snr_diagnostics(feed(optax_snr.adam(1e-2), grads))
         assert float(diag.overall.noise.mean) < float(raw.overall.noise.mean)
 
+    @parameterized.parameters("adamw", "nadam", "nadamw")
+    def test_same_as_for_optax_variant_state(self, name):
+        grads = random_grads(4)
+        diag = optax_snr.snr_diagnostics(feed(getattr(optax_snr, name)(1e-2), grads))
+        with helpers.standard_promotion():
+            reference = optax_snr.snr_diagnostics(feed(getattr(optax, name)(1e-2), grads))
+        chex.assert_trees_all_close(diag, reference, rtol=1e-6)
+        assert_summary_close(diag.overall, hand_diagnostics(grads, 0.9, 0.999, 1e-8)[0])
+
     def test_ademamix_finds_its_count(self):
         grads = random_grads(3)
         state = feed(optax_snr.ademamix(1e-2), grads)
