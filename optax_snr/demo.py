@@ -39,7 +39,19 @@ import optax
 
 import optax_snr
 
-__all__ = ["RunResult", "load_digits", "main", "make_mlp", "parse_args", "run", "train"]
+__all__ = [
+    "OPTIMIZERS",
+    "RunResult",
+    "format_table",
+    "load_digits",
+    "main",
+    "make_mlp",
+    "parse_args",
+    "plot",
+    "run",
+    "train",
+    "write_csv",
+]
 
 # The optimizers compared, in the order of the table. The SNR reading starts
 # from plain gradient descent, w <- w - learning_rate * g; Adam replaces g by

@@ -1,5 +1,7 @@
 """Tests for optax_snr.diagnostics: signal, noise and SNR read from a state."""
 
+import doctest
+
 import chex
 import helpers
 import jax
@@ -340,6 +342,15 @@ class FlattenDiagnosticsTest(absltest.TestCase):
         assert len(row) == 1 + 18 * 4
         assert all(isinstance(v, float) for v in row.values())
         assert len(optax_snr.flatten_diagnostics(diag, per_leaf=False)) == 1 + 18
+
+
+def test_docstring_examples():
+    result = doctest.testmod(diagnostics, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 2 and result.failed == 0
+    assert (
+        "Example" in optax_snr.snr_diagnostics.__doc__
+        and ".. math::" in optax_snr.snr_diagnostics.__doc__
+    )
 
 
 if __name__ == "__main__":
