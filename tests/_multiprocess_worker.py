@@ -62,6 +62,27 @@ def train(params: Any, x: jax.Array, y: jax.Array, num_steps: int = NUM_STEPS) -
     return params, state
 
 
+def _gloo_on_loopback() -> None:
+    """Makes gloo listen and connect on 127.0.0.1, never on another address.
+
+    JAX builds its gloo collectives without a host name, and gloo then uses
+    whatever this machine's name resolves to. JAX offers no public setting for
+    it, so the (private) factory it calls is wrapped to pass ``127.0.0.1``.
+    """
+    from jax._src import xla_bridge
+
+    make = xla_bridge._jax.make_gloo_tcp_collectives
+
+    def on_loopback(**kwargs):
+        _GLOO_HOSTS.append("127.0.0.1")
+        return make(**kwargs, hostname="127.0.0.1")
+
+    xla_bridge._jax.make_gloo_tcp_collectives = on_loopback
+
+
+_GLOO_HOSTS: list[str] = []  # Hosts the gloo collectives were made with.
+
+
 def main(process_id: int, port: int, out_file: str) -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import AxisType, NamedSharding
@@ -69,14 +90,18 @@ def main(process_id: int, port: int, out_file: str) -> None:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_numpy_dtype_promotion", "strict")
+    _gloo_on_loopback()
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
+        coordinator_bind_address=f"127.0.0.1:{port}",
         num_processes=2,
         process_id=process_id,
         initialization_timeout=60,
+        shutdown_timeout_seconds=30,
     )
     assert jax.process_count() == 2, jax.process_count()
     assert jax.device_count() == 4 and jax.local_device_count() == 2
+    assert _GLOO_HOSTS == ["127.0.0.1"], _GLOO_HOSTS
 
     mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(AxisType.Auto,))
     shardings = {"kernel": NamedSharding(mesh, P("fsdp")), "bias": NamedSharding(mesh, P("fsdp"))}
