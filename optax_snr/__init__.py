@@ -35,6 +35,8 @@ from optax_snr.ema_moments import Moments as Moments
 from optax_snr.ema_moments import ema_moments as ema_moments
 from optax_snr.faults import SkipNonfiniteState as SkipNonfiniteState
 from optax_snr.faults import skip_nonfinite as skip_nonfinite
+from optax_snr.fused import FusedAdam as FusedAdam
+from optax_snr.fused import fused_adam as fused_adam
 from optax_snr.max_noise import MaxNoiseState as MaxNoiseState
 from optax_snr.max_noise import max_noise as max_noise
 from optax_snr.mixed_signal import MixedSignalState as MixedSignalState
@@ -49,6 +51,7 @@ __all__ = [
     "BiasCorrectionState",
     "CenteredMomentsState",
     "EmaMomentsState",
+    "FusedAdam",
     "MaxNoiseState",
     "MixedSignalState",
     "Moments",
@@ -68,6 +71,7 @@ __all__ = [
     "compute_dtype",
     "ema_moments",
     "flatten_diagnostics",
+    "fused_adam",
     "max_noise",
     "mixed_signal",
     "nadam",

@@ -1,0 +1,117 @@
+"""Smoke test of benchmarks/step.py: it runs and its JSON has every field.
+
+No timing is asserted here (the machine is shared and timings are noise in a
+test). What is checked is what the benchmark reports besides time: that each
+step compiled once over its run, that optax_snr.adam ended bit-identical to
+optax.adam, and that the HLO statistics are present and sensible.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "step.py"
+
+OPTAX, SNR, FUSED = "optax.adam", "optax_snr.adam", "optax_snr.fused_adam"
+OPTIMIZER_FIELDS = {
+    "median_ms",
+    "ratio_to_optax_median",
+    "ratio_to_optax_iqr",
+    "compile_s",
+    "fusions",
+    "array_fusions",
+    "custom_calls",
+    "state_bytes",
+    "bytes_per_param",
+    "temp_bytes",
+    "max_abs_diff_to_optax",
+    "retraces_after_first",
+    "traces_total",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "step.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_json_has_every_shape_and_field(quick_results):
+    results, _ = quick_results
+    assert set(results) >= {"command", "args", "machine", "shapes", "table"}
+    assert set(results["shapes"]) == {"leaf", "tree", "mlp"}
+    assert {"cpu", "cores", "jax", "optax", "xla_flags"} <= set(results["machine"])
+    for shape in results["shapes"].values():
+        assert shape["num_params"] > 0
+        assert set(shape["optimizers"]) == {OPTAX, SNR, FUSED}
+        for entry in shape["optimizers"].values():
+            assert OPTIMIZER_FIELDS <= set(entry)
+            assert entry["median_ms"] > 0 and math.isfinite(entry["median_ms"])
+            assert entry["fusions"] >= entry["array_fusions"]
+            assert entry["array_fusions"] + entry["custom_calls"] >= 1
+            assert entry["bytes_per_param"] >= 28.0  # No step can move less.
+        # The chain compiles to optax.adam's loops; the fused step to one kernel.
+        optax_entry, snr, fused = (shape["optimizers"][k] for k in (OPTAX, SNR, FUSED))
+        assert snr["array_fusions"] == optax_entry["array_fusions"] >= 3 * shape["num_leaves"]
+        assert snr["bytes_per_param"] == optax_entry["bytes_per_param"]
+        assert (fused["custom_calls"], fused["array_fusions"]) == (1, 0)
+        assert 28.0 <= fused["bytes_per_param"] < 28.1
+        assert set(shape["references"]) == {"stream", "adam_traffic", "bandwidth_bound"}
+        assert shape["references"]["bandwidth_bound"]["bandwidth_GBps"] > 0
+
+
+def test_shape_b_is_transformer_like(quick_results):
+    results, _ = quick_results
+    assert results["shapes"]["tree"]["num_leaves"] == 244
+    assert results["shapes"]["leaf"]["num_leaves"] == 1
+
+
+def test_no_recompilation_and_bit_exact(quick_results):
+    results, _ = quick_results
+    for shape in results["shapes"].values():
+        for entry in shape["optimizers"].values():
+            assert entry["retraces_after_first"] == 0
+            assert entry["traces_total"] == 1
+        # Every optimizer took the same steps from the same start.
+        assert shape["optimizers"][SNR]["max_abs_diff_to_optax"] == 0.0
+        assert shape["optimizers"][FUSED]["max_abs_diff_to_optax"] <= 1e-6
+        # Same state memory as optax.adam: two moments per parameter and a count.
+        state_bytes = {k: v["state_bytes"] for k, v in shape["optimizers"].items()}
+        assert set(state_bytes.values()) == {8 * shape["num_params"] + 4}
+
+
+def test_prints_the_markdown_table(quick_results):
+    results, stdout = quick_results
+    assert results["table"] in stdout
+    assert stdout.count("`optax_snr.adam`") == 3
+    assert stdout.count("`optax_snr.fused_adam`") == 3
+
+
+def test_unknown_shape_is_an_error():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--shapes", "leaf,nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr
