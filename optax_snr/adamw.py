@@ -13,13 +13,7 @@ from optax_snr.bias_correction import bias_correction
 from optax_snr.ema_moments import ema_moments
 from optax_snr.scale_by_snr import scale_by_snr
 
-__all__ = ["adamw", "check_weight_decay"]
-
-
-def check_weight_decay(weight_decay: Any) -> None:
-    """Checks a weight decay: a schedule passes, a number must be finite >= 0."""
-    if not callable(weight_decay):
-        validation.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+__all__ = ["adamw"]
 
 
 def adamw(
@@ -83,7 +77,7 @@ def adamw(
       <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
     """
     validation.check_learning_rate(learning_rate)
-    check_weight_decay(weight_decay)
+    validation.check_scalar_or_schedule("weight_decay", weight_decay, low=0.0)
     return optax.chain(
         ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),  # signal m, noise v
         bias_correction(b1, b2, nesterov=nesterov),  # m_hat, v_hat; owns count

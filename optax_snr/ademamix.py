@@ -9,7 +9,6 @@ import jax
 import optax
 
 from optax_snr import validation
-from optax_snr.adamw import check_weight_decay
 from optax_snr.ema_moments import ema_moments
 from optax_snr.mixed_signal import mixed_signal
 from optax_snr.scale_by_snr import scale_by_snr
@@ -84,7 +83,7 @@ def ademamix(
       Older <https://arxiv.org/abs/2409.03137>`_, ICLR 2025.
     """
     validation.check_learning_rate(learning_rate)
-    check_weight_decay(weight_decay)
+    validation.check_scalar_or_schedule("weight_decay", weight_decay, low=0.0)
     return optax.chain(
         ema_moments(b1, b2, mu_dtype, nu_dtype=mu_dtype),  # fast signal m1, noise v
         mixed_signal(b1, b2, b3, alpha, mu_dtype),  # m1_hat + alpha * m2, v_hat; owns count

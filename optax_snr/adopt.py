@@ -11,7 +11,7 @@ import optax
 
 from optax_snr import validation
 from optax_snr.dtypes import compute_dtype, promote
-from optax_snr.ema_moments import _cast_like_state, _squared_magnitude, ema
+from optax_snr.ema_moments import cast_like_state, ema, squared_magnitude
 
 __all__ = ["ScaleByAdoptState", "adopt", "fourth_root", "scale_by_adopt"]
 
@@ -31,11 +31,6 @@ def fourth_root(count: jax.Array) -> jax.Array:
     cast to the default float dtype first, as standard promotion would do.
     """
     return count.astype(jnp.result_type(float)) ** 0.25
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}.")
 
 
 def scale_by_adopt(
@@ -106,8 +101,8 @@ def scale_by_adopt(
     validation.check_hyperparameter("b2", b2, low=0.0, high=1.0)
     validation.check_hyperparameter("eps", eps, low=0.0)
     mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
-    _check_bool("nesterov", nesterov)
-    _check_bool("use_clipping", use_clipping)
+    validation.check_bool("nesterov", nesterov)
+    validation.check_bool("use_clipping", use_clipping)
     if not callable(clip_value_fn):
         raise TypeError(f"clip_value_fn must be callable, got {clip_value_fn!r}.")
 
@@ -144,7 +139,7 @@ def scale_by_adopt(
             lambda r, m: None if r is None else ema(r, m, b1_t), ratios, state.mu, is_leaf=is_none
         )
         nu = jax.tree.map(
-            lambda g, v: None if g is None else ema(_squared_magnitude(g), v, b2_t),
+            lambda g, v: None if g is None else ema(squared_magnitude(g), v, b2_t),
             updates,
             state.nu,
             is_leaf=is_none,
@@ -160,8 +155,8 @@ def scale_by_adopt(
         )
         new_state = ScaleByAdoptState(
             count=optax.safe_increment(state.count),
-            mu=_cast_like_state(mu, state.mu),
-            nu=_cast_like_state(nu, state.nu),
+            mu=cast_like_state(mu, state.mu),
+            nu=cast_like_state(nu, state.nu),
         )
         return step, new_state
 

@@ -10,7 +10,7 @@ import optax
 
 from optax_snr import validation
 from optax_snr.dtypes import promote
-from optax_snr.ema_moments import Moments, _cast_like_state, _squared_magnitude, ema
+from optax_snr.ema_moments import Moments, cast_like_state, ema, squared_magnitude
 
 __all__ = ["CenteredMomentsState", "centered_moments"]
 
@@ -107,12 +107,12 @@ def centered_moments(
                 return None
             dtype = promote(g.dtype, m.dtype)
             deviation = g.astype(dtype) - m.astype(dtype)
-            s = ema(_squared_magnitude(deviation), s, b2)
+            s = ema(squared_magnitude(deviation), s, b2)
             return s + jnp.asarray(eps_root, s.dtype)
 
         nu = jax.tree.map(centered_noise, updates, mu, state.nu, is_leaf=is_none)
         new_state = CenteredMomentsState(
-            mu=_cast_like_state(mu, state.mu), nu=_cast_like_state(nu, state.nu)
+            mu=cast_like_state(mu, state.mu), nu=cast_like_state(nu, state.nu)
         )
         return Moments(mu=mu, nu=nu, grad=updates), new_state
 

@@ -11,7 +11,14 @@ import optax
 from optax_snr import validation
 from optax_snr.dtypes import compute_dtype, promote
 
-__all__ = ["EmaMomentsState", "Moments", "ema", "ema_moments"]
+__all__ = [
+    "EmaMomentsState",
+    "Moments",
+    "cast_like_state",
+    "ema",
+    "ema_moments",
+    "squared_magnitude",
+]
 
 
 class Moments(NamedTuple):
@@ -52,7 +59,7 @@ def ema(x: jax.Array, moment: jax.Array, decay: Any) -> jax.Array:
     return new.astype(dtype) + old.astype(dtype)
 
 
-def _squared_magnitude(g: jax.Array) -> jax.Array:
+def squared_magnitude(g: jax.Array) -> jax.Array:
     """|g|^2: ``g ** 2`` for real ``g``, ``(conj(g) * g).real`` for complex.
 
     16-bit floats are squared in float32 (:func:`compute_dtype`): in float16,
@@ -138,7 +145,7 @@ def ema_moments(
             is_leaf=is_none,
         )
         nu = jax.tree.map(
-            lambda g, v: None if g is None else ema(_squared_magnitude(g), v, b2),
+            lambda g, v: None if g is None else ema(squared_magnitude(g), v, b2),
             updates,
             state.nu,
             is_leaf=is_none,
@@ -146,14 +153,14 @@ def ema_moments(
         # The next stages read the moments at full precision; the state keeps
         # its own dtypes, so the state's types never change from step to step.
         new_state = EmaMomentsState(
-            mu=_cast_like_state(mu, state.mu), nu=_cast_like_state(nu, state.nu)
+            mu=cast_like_state(mu, state.mu), nu=cast_like_state(nu, state.nu)
         )
         return Moments(mu=mu, nu=nu, grad=updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _cast_like_state(tree: Any, state_tree: Any) -> Any:
+def cast_like_state(tree: Any, state_tree: Any) -> Any:
     """Casts new moments to the state's dtypes; a ``None`` update keeps the old buffer."""
     return jax.tree.map(
         lambda x, s: s if x is None else x.astype(s.dtype),

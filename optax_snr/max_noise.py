@@ -10,7 +10,7 @@ import optax
 
 from optax_snr.bias_correction import require_moments
 from optax_snr.dtypes import promote
-from optax_snr.ema_moments import _cast_like_state
+from optax_snr.ema_moments import cast_like_state
 
 __all__ = ["MaxNoiseState", "max_noise"]
 
@@ -77,7 +77,7 @@ def max_noise() -> optax.GradientTransformation:
             return jnp.maximum(v_max.astype(dtype), v.astype(dtype))
 
         nu_max = jax.tree.map(running_max, moments.nu, state.nu_max, is_leaf=lambda x: x is None)
-        new_state = MaxNoiseState(nu_max=_cast_like_state(nu_max, state.nu_max))
+        new_state = MaxNoiseState(nu_max=cast_like_state(nu_max, state.nu_max))
         return moments._replace(nu=nu_max), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

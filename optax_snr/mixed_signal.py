@@ -11,7 +11,7 @@ import optax
 from optax_snr import validation
 from optax_snr.bias_correction import BiasCorrectionState, bias_correction, require_moments
 from optax_snr.dtypes import promote
-from optax_snr.ema_moments import _cast_like_state, ema
+from optax_snr.ema_moments import cast_like_state, ema
 
 __all__ = ["MixedSignalState", "mixed_signal"]
 
@@ -81,10 +81,8 @@ def mixed_signal(
       Older <https://arxiv.org/abs/2409.03137>`_, ICLR 2025 (Algorithm 1).
     """
     correct = bias_correction(b1, b2)
-    if not callable(b3):
-        validation.check_hyperparameter("b3", b3, low=0.0, high=1.0)
-    if not callable(alpha):
-        validation.check_hyperparameter("alpha", alpha, low=0.0)
+    validation.check_scalar_or_schedule("b3", b3, low=0.0, high=1.0)
+    validation.check_scalar_or_schedule("alpha", alpha, low=0.0)
     mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params):
@@ -113,7 +111,7 @@ def mixed_signal(
             return fast.astype(dtype) + slow.astype(dtype)
 
         mu = jax.tree.map(mix, corrected.mu, m2, is_leaf=is_none)
-        new_state = MixedSignalState(count=counted.count, m2=_cast_like_state(m2, state.m2))
+        new_state = MixedSignalState(count=counted.count, m2=cast_like_state(m2, state.m2))
         return corrected._replace(mu=mu), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

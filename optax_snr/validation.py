@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "check_bool",
     "check_dtype",
     "check_float_leaves",
     "check_hyperparameter",
     "check_learning_rate",
     "check_matching_trees",
+    "check_scalar_or_schedule",
 ]
 
 
@@ -78,11 +80,28 @@ def check_hyperparameter(
         raise ValueError(f"{name} must be in {valid}, got {value!r}.")
 
 
+def check_scalar_or_schedule(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    high_inclusive: bool = False,
+) -> None:
+    """Like :func:`check_hyperparameter`, but a schedule (a callable) passes."""
+    if not callable(value):
+        check_hyperparameter(name, value, low=low, high=high, high_inclusive=high_inclusive)
+
+
 def check_learning_rate(learning_rate: Any) -> None:
     """Checks a learning rate: a schedule passes, a number must be finite >= 0."""
-    if callable(learning_rate):
-        return
-    check_hyperparameter("learning_rate", learning_rate, low=0.0)
+    check_scalar_or_schedule("learning_rate", learning_rate, low=0.0)
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raises ``TypeError`` unless ``value`` is a Python bool (flags are static)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}.")
 
 
 def check_dtype(name: str, dtype: Any) -> jnp.dtype | None:
