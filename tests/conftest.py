@@ -6,6 +6,7 @@ run under strict promotion (``optax.adam`` raises ``TypePromotionError``), so
 the reference runs in ``helpers.standard_promotion()``.
 """
 
+import chex
 import jax
 import pytest
 
@@ -22,3 +23,10 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_counter():
+    """chex.assert_max_traces keys its counter by a function's source text, so two
+    tests with an identically written ``step`` would count each other's traces."""
+    chex.clear_trace_counter()
