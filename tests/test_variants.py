@@ -5,6 +5,8 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import pathlib
+import re
 
 import chex
 import helpers
@@ -508,30 +510,14 @@ def test_adopt_first_step_only_fills_the_noise():
         np.testing.assert_array_equal(optax.tree.get(state, "nu")["w"], grads["w"] ** 2)
 
 
-# The README's "Assemble your own" example, verbatim (the README runs it too, if pasted there).
 def _readme_custom_variant():
-    import jax.numpy as jnp
-    import optax
-
-    import optax_snr as snr
-
-    # AdaBelief's centered noise, kept from shrinking by AMSGrad's running max,
-    # and the ratio clipped to [-1, 1]: three variants' ideas in one chain.
-    tx = optax.chain(
-        snr.centered_moments(b1=0.9, b2=0.999),  # signal m, centered noise s
-        snr.bias_correction(b1=0.9, b2=0.999),  # m_hat, s_hat; owns the step count
-        snr.max_noise(),  # s_max: the largest s_hat so far
-        snr.scale_by_snr(eps=1e-8),  # m_hat / (sqrt(s_max) + eps)
-        optax.clip(1.0),  # |ratio| <= 1
-        optax.scale_by_learning_rate(1e-2),  # times -learning_rate
-    )
-    params = jnp.array([1.0, -2.0, 3.0])
-    state = tx.init(params)
-    updates, state = tx.update(2 * params, state)  # the gradient of sum(params**2)
-    assert jnp.all(jnp.abs(updates) <= 1e-2)  # the clip bounds each step by the learning rate
-    s_max = optax.tree.get(state, "nu_max")  # buffers are found by Optax's field names
-    assert s_max.shape == params.shape
-    return tx
+    """Runs the README's "Assemble your own" example and returns its optimizer."""
+    readme = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.DOTALL)
+    (block,) = [b for b in blocks if "snr.centered_moments" in b]
+    namespace: dict = {}
+    exec(compile(block, str(readme), "exec"), namespace)
+    return namespace["tx"]
 
 
 def test_readme_custom_variant_runs():
