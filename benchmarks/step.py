@@ -152,6 +152,8 @@ def reference_kernels() -> dict[str, Callable[..., Any]]:
 
     ``stream`` reads one buffer and writes one (8 bytes per element): its time
     times 28/8 is the bandwidth bound of a step moving 28 bytes per parameter.
+    ``dispatch`` is a donated step that does nothing, with the optimizer's
+    trees: the cost of calling a jitted function with that many arrays.
     ``adam_traffic`` is Adam's exact dataflow with trivial arithmetic: it reads
     p, g, m, v and writes p, m, v, and XLA compiles it the way it compiles Adam.
     """
@@ -166,7 +168,12 @@ def reference_kernels() -> dict[str, Callable[..., Any]]:
         v = 0.999 * v + 0.001 * (g * g)
         return p - 0.001 * m * v, m, v
 
+    def no_op(params, state, grads):
+        del grads
+        return params, state
+
     return {
+        "dispatch": jax.jit(no_op, donate_argnums=(0, 1)),
         "stream": jax.jit(stream, donate_argnums=0),
         "adam_traffic": jax.jit(adam_traffic, donate_argnums=(0, 1, 2)),
     }
@@ -277,7 +284,13 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
     flat = jnp.concatenate([x.ravel() for x in jax.tree.leaves(params0)])
     g_flat = jnp.concatenate([x.ravel() for x in jax.tree.leaves(grads)])
     kernels = reference_kernels()
+    noop_params = jax.tree.map(jnp.copy, params0)
     references: dict[str, dict[str, Any]] = {
+        "dispatch": {
+            "run": kernels["dispatch"],
+            "carry": (noop_params, optimizers()["optax.adam"].init(noop_params)),
+            "grads": grads,
+        },
         "stream": {"run": kernels["stream"], "carry": (flat + 0,), "grads": g_flat},
         "adam_traffic": {
             "run": kernels["adam_traffic"],
@@ -415,7 +428,12 @@ def format_table(results: dict[str, Any]) -> str:
             )
         refs = shape["references"]
         base_ms = shape["optimizers"]["optax.adam"]["median_ms"]
-        traffic, bound = refs["adam_traffic"], refs["bandwidth_bound"]
+        traffic, bound, dispatch = refs["adam_traffic"], refs["bandwidth_bound"], refs["dispatch"]
+        lines.append(
+            f"| {shape['label']} | {size} | dispatch: donated no-op step, same trees "
+            f"| {dispatch['median_ms']:.2f} | {dispatch['median_ms'] / base_ms:.3f} "
+            f"| {dispatch['fusions']} | | | | |"
+        )
         lines.append(
             f"| {shape['label']} | {size} | adam_traffic kernel (4 reads, 3 writes) "
             f"| {traffic['median_ms']:.2f} | {traffic['median_ms'] / base_ms:.3f} "

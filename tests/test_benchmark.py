@@ -73,7 +73,7 @@ def test_json_has_every_shape_and_field(quick_results):
         assert snr["bytes_per_param"] == optax_entry["bytes_per_param"]
         assert (fused["custom_calls"], fused["array_fusions"]) == (1, 0)
         assert 28.0 <= fused["bytes_per_param"] < 28.1
-        assert set(shape["references"]) == {"stream", "adam_traffic", "bandwidth_bound"}
+        assert set(shape["references"]) == {"dispatch", "stream", "adam_traffic", "bandwidth_bound"}
         assert shape["references"]["bandwidth_bound"]["bandwidth_GBps"] > 0
 
 

@@ -8,6 +8,7 @@ relative; leaves that take the reference path inside ``step`` are compared bit
 for bit.
 """
 
+import doctest
 import json
 import os
 import pathlib
@@ -221,6 +222,11 @@ class FusedAdamTest(chex.TestCase):
                     os.environ.pop(k)
                 else:
                     os.environ[k] = v
+
+
+def test_docstring_example():
+    result = doctest.testmod(fused, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 5 and result.failed == 0
 
 
 SHARDING_SCRIPT = """
