@@ -133,15 +133,18 @@ def _find_moments(state: Any) -> tuple[Any, Any, bool, jax.Array]:
     counts = {_parent(p): v for p, v in _find_one(state, "count")}
     if holder in counts:  # The moments and the count share a state (optax.adam).
         count = counts[holder]
-    else:  # Chained stages: one stage owns the count (bias_correction).
-        owners = [v for p, v in counts.items() if p[-1] not in _WRAPPER_COUNTS]
-        if len(owners) != 1:
+    else:  # Chained stages: one stage owns the count, normally bias_correction.
+        owners = {p: v for p, v in counts.items() if p[-1] not in _WRAPPER_COUNTS}
+        own = [v for p, v in owners.items() if p[-1] == "BiasCorrectionState"]
+        if len(own) != 1:
+            own = list(owners.values())
+        if len(own) != 1:
             raise ValueError(
                 "snr_diagnostics: found the moments but not the one step count "
                 "that goes with them (in a BiasCorrectionState, or a `count` field "
                 f"beside `mu` and `nu`); found {len(owners)} candidate counts."
             )
-        (count,) = owners
+        (count,) = own
     # Flax NNX wraps each state leaf in a Variable: take the array inside.
     (count,) = jax.tree.leaves(count)
     maxima = _find_one(state, "nu_max")

@@ -170,8 +170,12 @@ class SnrDiagnosticsTest(chex.TestCase):
         tx = optax.chain(
             optax.clip_by_global_norm(1e6),
             optax_snr.adam(optax.linear_schedule(1e-2, 0.0, 100)),
+            optax.apply_every(1),  # ApplyEvery has a `count` field too.
         )
-        diag = optax_snr.snr_diagnostics(feed(tx, grads))
+        with helpers.standard_promotion():  # Optax's schedule and apply_every need it.
+            state = feed(tx, grads)
+        diag = optax_snr.snr_diagnostics(state)
+        assert int(diag.count) == 3
         assert_summary_close(diag.overall, hand_diagnostics(grads, 0.9, 0.999, 1e-8)[0])
 
     def test_amsgrad_reports_the_running_max_noise(self):
