@@ -27,6 +27,7 @@ __all__ = ["FusedAdam", "build_fused_kernel", "fused_adam"]
 
 _SOURCE = pathlib.Path(__file__).with_name("_fused_adam.cc")
 _TARGET = "optax_snr_fused_adam"
+_LEAVES_PER_CALL = 64
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17")
 
 
@@ -224,19 +225,22 @@ def fused_adam(
                 jnp.asarray(neg_lr, jnp.float32),
             ]
         )
-        index = [i for i, f in enumerate(fast) if f]
-        operands, results, aliases = [scalars], [], {}
-        for k, i in enumerate(index):
-            operands += [p_leaves[i], g_leaves[i], m_leaves[i], v_leaves[i]]
-            results += [jax.ShapeDtypeStruct(p_leaves[i].shape, jnp.float32)] * 3
-            aliases.update({1 + 4 * k: 3 * k, 3 + 4 * k: 3 * k + 1, 4 + 4 * k: 3 * k + 2})
-        out = jax.ffi.ffi_call(_TARGET, results, input_output_aliases=aliases)(*operands)
-
         p_new = treedef.flatten_up_to(new_params)
         m_new = treedef.flatten_up_to(new_state[0].mu)
         v_new = treedef.flatten_up_to(new_state[0].nu)
-        for k, i in enumerate(index):
-            p_new[i], m_new[i], v_new[i] = out[3 * k], out[3 * k + 1], out[3 * k + 2]
+        index = [i for i, f in enumerate(fast) if f]
+        # XLA's compile time grows faster than linearly in one custom call's
+        # aliased operands, so the leaves go in groups (one call per group).
+        for start in range(0, len(index), _LEAVES_PER_CALL):
+            group = index[start : start + _LEAVES_PER_CALL]
+            operands, results, aliases = [scalars], [], {}
+            for k, i in enumerate(group):
+                operands += [p_leaves[i], g_leaves[i], m_leaves[i], v_leaves[i]]
+                results += [jax.ShapeDtypeStruct(p_leaves[i].shape, jnp.float32)] * 3
+                aliases.update({1 + 4 * k: 3 * k, 3 + 4 * k: 3 * k + 1, 4 + 4 * k: 3 * k + 2})
+            out = jax.ffi.ffi_call(_TARGET, results, input_output_aliases=aliases)(*operands)
+            for k, i in enumerate(group):
+                p_new[i], m_new[i], v_new[i] = out[3 * k], out[3 * k + 1], out[3 * k + 2]
         new_moments = EmaMomentsState(mu=treedef.unflatten(m_new), nu=treedef.unflatten(v_new))
         return treedef.unflatten(p_new), (new_moments, *new_state[1:])
 
