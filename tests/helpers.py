@@ -94,3 +94,20 @@ def run_optimizer(
     for i in range(num_steps):
         params, state = step(params, state, jnp.asarray(i, jnp.int32))
     return params, state
+
+
+def assert_steps_without_retrace(tx: optax.GradientTransformation, grads: Any, num_steps: int = 5):
+    """Runs ``num_steps`` jitted updates on ``grads``; fails if the step traces twice
+    or if the state's shapes and dtypes change. Returns the last (updates, state)."""
+    state = tx.init(grads)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(g, s):
+        return tx.update(g, s)
+
+    for _ in range(num_steps):
+        updates, new_state = step(grads, state)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        state = new_state
+    return updates, state

@@ -67,17 +67,9 @@ class EmaMomentsTest(chex.TestCase):
         chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
 
     def test_no_retrace(self):
-        stage = optax_snr.ema_moments()
-        params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
-        state = stage.init(params)
-
-        @jax.jit
-        @chex.assert_max_traces(n=1)
-        def step(g, s):
-            return stage.update(g, s)[1]
-
-        for _ in range(5):
-            state = step(params, state)
+        helpers.assert_steps_without_retrace(
+            optax_snr.ema_moments(), {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+        )
 
     def test_none_update_keeps_the_buffer(self):
         stage = optax_snr.ema_moments()
