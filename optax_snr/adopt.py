@@ -11,7 +11,7 @@ import optax
 
 from optax_snr import validation
 from optax_snr.dtypes import compute_dtype, promote
-from optax_snr.ema_moments import cast_like_state, ema, squared_magnitude
+from optax_snr.ema_moments import cast_like_state, squared_magnitude, tree_ema
 
 __all__ = ["ScaleByAdoptState", "adopt", "fourth_root", "scale_by_adopt"]
 
@@ -135,19 +135,10 @@ def scale_by_adopt(
         ratios = jax.tree.map(
             lambda g, v: None if g is None else ratio(g, v), updates, state.nu, is_leaf=is_none
         )
-        mu = jax.tree.map(
-            lambda r, m: None if r is None else ema(r, m, b1_t), ratios, state.mu, is_leaf=is_none
-        )
-        nu = jax.tree.map(
-            lambda g, v: None if g is None else ema(squared_magnitude(g), v, b2_t),
-            updates,
-            state.nu,
-            is_leaf=is_none,
-        )
+        mu = tree_ema(ratios, state.mu, b1_t)
+        nu = tree_ema(jax.tree.map(squared_magnitude, updates), state.nu, b2_t)
         if nesterov:  # one more EMA step with the same ratio: the signal one step ahead
-            signal = jax.tree.map(
-                lambda r, m: None if r is None else ema(r, m, b1_t), ratios, mu, is_leaf=is_none
-            )
+            signal = tree_ema(ratios, mu, b1_t)
         else:
             signal = mu
         step = jax.tree.map(

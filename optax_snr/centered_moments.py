@@ -10,7 +10,7 @@ import optax
 
 from optax_snr import validation
 from optax_snr.dtypes import promote
-from optax_snr.ema_moments import Moments, cast_like_state, ema, squared_magnitude
+from optax_snr.ema_moments import Moments, cast_like_state, ema, squared_magnitude, tree_ema
 
 __all__ = ["CenteredMomentsState", "centered_moments"]
 
@@ -98,9 +98,7 @@ def centered_moments(
         validation.check_matching_trees(updates, state.mu, "centered_moments.update")
         validation.check_float_leaves(updates, "updates", "centered_moments.update")
         is_none = lambda x: x is None
-        mu = jax.tree.map(
-            lambda g, m: None if g is None else ema(g, m, b1), updates, state.mu, is_leaf=is_none
-        )
+        mu = tree_ema(updates, state.mu, b1)
 
         def centered_noise(g, m, s):
             if g is None:

@@ -18,6 +18,7 @@ __all__ = [
     "ema",
     "ema_moments",
     "squared_magnitude",
+    "tree_ema",
 ]
 
 
@@ -57,6 +58,16 @@ def ema(x: jax.Array, moment: jax.Array, decay: Any) -> jax.Array:
     new = jnp.asarray(1 - decay, x.dtype) * x
     old = jnp.asarray(decay, moment.dtype) * moment
     return new.astype(dtype) + old.astype(dtype)
+
+
+def tree_ema(updates: Any, moments: Any, decay: Any) -> Any:
+    """:func:`ema` over a tree; a ``None`` update leaf gives ``None``."""
+    return jax.tree.map(
+        lambda x, m: None if x is None else ema(x, m, decay),
+        updates,
+        moments,
+        is_leaf=lambda x: x is None,
+    )
 
 
 def squared_magnitude(g: jax.Array) -> jax.Array:
@@ -137,19 +148,8 @@ def ema_moments(
         del params
         validation.check_matching_trees(updates, state.mu, "ema_moments.update")
         validation.check_float_leaves(updates, "updates", "ema_moments.update")
-        is_none = lambda x: x is None
-        mu = jax.tree.map(
-            lambda g, m: None if g is None else ema(g, m, b1),
-            updates,
-            state.mu,
-            is_leaf=is_none,
-        )
-        nu = jax.tree.map(
-            lambda g, v: None if g is None else ema(squared_magnitude(g), v, b2),
-            updates,
-            state.nu,
-            is_leaf=is_none,
-        )
+        mu = tree_ema(updates, state.mu, b1)
+        nu = tree_ema(jax.tree.map(squared_magnitude, updates), state.nu, b2)
         # The next stages read the moments at full precision; the state keeps
         # its own dtypes, so the state's types never change from step to step.
         new_state = EmaMomentsState(

@@ -11,7 +11,7 @@ import optax
 from optax_snr import validation
 from optax_snr.bias_correction import BiasCorrectionState, bias_correction, require_moments
 from optax_snr.dtypes import promote
-from optax_snr.ema_moments import cast_like_state, ema
+from optax_snr.ema_moments import cast_like_state, tree_ema
 
 __all__ = ["MixedSignalState", "mixed_signal"]
 
@@ -96,12 +96,7 @@ def mixed_signal(
         alpha_t = alpha(state.count) if callable(alpha) else alpha
         corrected, counted = correct.update(moments, BiasCorrectionState(count=state.count))
         is_none = lambda x: x is None
-        m2 = jax.tree.map(
-            lambda g, m: None if g is None else ema(g, m, b3_t),
-            moments.grad,
-            state.m2,
-            is_leaf=is_none,
-        )
+        m2 = tree_ema(moments.grad, state.m2, b3_t)
 
         def mix(fast, slow):  # m1_hat + alpha * m2
             if fast is None:
