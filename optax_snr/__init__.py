@@ -11,39 +11,39 @@ Each stage is one :class:`optax.GradientTransformation`, chained with
 :func:`adam` is that chain, a bit-exact drop-in for :func:`optax.adam`.
 """
 
-from optax_snr.adabelief import adabelief as adabelief
-from optax_snr.adam import adam as adam
-from optax_snr.adam import scale_by_adam as scale_by_adam
-from optax_snr.adamw import adamw as adamw
-from optax_snr.ademamix import ademamix as ademamix
-from optax_snr.adopt import ScaleByAdoptState as ScaleByAdoptState
-from optax_snr.adopt import adopt as adopt
-from optax_snr.adopt import scale_by_adopt as scale_by_adopt
-from optax_snr.amsgrad import amsgrad as amsgrad
-from optax_snr.bias_correction import BiasCorrectionState as BiasCorrectionState
-from optax_snr.bias_correction import bias_correction as bias_correction
-from optax_snr.centered_moments import CenteredMomentsState as CenteredMomentsState
-from optax_snr.centered_moments import centered_moments as centered_moments
-from optax_snr.diagnostics import SnrDiagnostics as SnrDiagnostics
-from optax_snr.diagnostics import SnrSummary as SnrSummary
-from optax_snr.diagnostics import Summary as Summary
-from optax_snr.diagnostics import flatten_diagnostics as flatten_diagnostics
-from optax_snr.diagnostics import snr_diagnostics as snr_diagnostics
-from optax_snr.dtypes import compute_dtype as compute_dtype
-from optax_snr.ema_moments import EmaMomentsState as EmaMomentsState
-from optax_snr.ema_moments import Moments as Moments
-from optax_snr.ema_moments import ema_moments as ema_moments
-from optax_snr.faults import SkipNonfiniteState as SkipNonfiniteState
-from optax_snr.faults import skip_nonfinite as skip_nonfinite
-from optax_snr.fused import FusedAdam as FusedAdam
-from optax_snr.fused import fused_adam as fused_adam
-from optax_snr.max_noise import MaxNoiseState as MaxNoiseState
-from optax_snr.max_noise import max_noise as max_noise
-from optax_snr.mixed_signal import MixedSignalState as MixedSignalState
-from optax_snr.mixed_signal import mixed_signal as mixed_signal
-from optax_snr.nadam import nadam as nadam
-from optax_snr.nadam import nadamw as nadamw
-from optax_snr.scale_by_snr import scale_by_snr as scale_by_snr
+from optax_snr.common.dtypes import compute_dtype as compute_dtype
+from optax_snr.common.moments import Moments as Moments
+from optax_snr.guards.skip_nonfinite import SkipNonfiniteState as SkipNonfiniteState
+from optax_snr.guards.skip_nonfinite import skip_nonfinite as skip_nonfinite
+from optax_snr.kernels.fused_adam import FusedAdam as FusedAdam
+from optax_snr.kernels.fused_adam import fused_adam as fused_adam
+from optax_snr.optimizers.adabelief import adabelief as adabelief
+from optax_snr.optimizers.adam import adam as adam
+from optax_snr.optimizers.adam import scale_by_adam as scale_by_adam
+from optax_snr.optimizers.adamw import adamw as adamw
+from optax_snr.optimizers.ademamix import ademamix as ademamix
+from optax_snr.optimizers.adopt import adopt as adopt
+from optax_snr.optimizers.amsgrad import amsgrad as amsgrad
+from optax_snr.optimizers.nadam import nadam as nadam
+from optax_snr.optimizers.nadam import nadamw as nadamw
+from optax_snr.readers.diagnostics import SnrDiagnostics as SnrDiagnostics
+from optax_snr.readers.diagnostics import SnrSummary as SnrSummary
+from optax_snr.readers.diagnostics import Summary as Summary
+from optax_snr.readers.diagnostics import flatten_diagnostics as flatten_diagnostics
+from optax_snr.readers.diagnostics import snr_diagnostics as snr_diagnostics
+from optax_snr.stages.bias_correction import BiasCorrectionState as BiasCorrectionState
+from optax_snr.stages.bias_correction import bias_correction as bias_correction
+from optax_snr.stages.centered_moments import CenteredMomentsState as CenteredMomentsState
+from optax_snr.stages.centered_moments import centered_moments as centered_moments
+from optax_snr.stages.ema_moments import EmaMomentsState as EmaMomentsState
+from optax_snr.stages.ema_moments import ema_moments as ema_moments
+from optax_snr.stages.max_noise import MaxNoiseState as MaxNoiseState
+from optax_snr.stages.max_noise import max_noise as max_noise
+from optax_snr.stages.mixed_signal import MixedSignalState as MixedSignalState
+from optax_snr.stages.mixed_signal import mixed_signal as mixed_signal
+from optax_snr.stages.scale_by_adopt import ScaleByAdoptState as ScaleByAdoptState
+from optax_snr.stages.scale_by_adopt import scale_by_adopt as scale_by_adopt
+from optax_snr.stages.scale_by_snr import scale_by_snr as scale_by_snr
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # The repository root.
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from optax_snr import fused as fused_module
+from optax_snr.kernels import fused_adam as fused_module
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "step.py"

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import optax_snr
-from optax_snr.bias_correction import correction
+from optax_snr.common.moments import correction
 
 NUM_SAMPLES = 128_000
 BATCH = 128

@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import optax
 
-from optax_snr.adam import adam
-from optax_snr.adamw import adamw
+from optax_snr.optimizers.adam import adam
+from optax_snr.optimizers.adamw import adamw
 
 __all__ = ["nadam", "nadamw"]
 

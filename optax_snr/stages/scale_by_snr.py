@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_snr import validation
-from optax_snr.bias_correction import require_moments
-from optax_snr.dtypes import compute_dtype, promote
+from optax_snr.common import validation
+from optax_snr.common.dtypes import compute_dtype, promote
+from optax_snr.common.moments import require_moments
 
 __all__ = ["scale_by_snr", "snr"]
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_snr import validation
+from optax_snr.common import validation
 
 
 @pytest.mark.parametrize("value", [0.0, 0.5, np.float32(0.9), jnp.asarray(0.99), np.asarray(0.0)])

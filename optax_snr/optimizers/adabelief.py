@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import optax
 
-from optax_snr import validation
-from optax_snr.bias_correction import bias_correction
-from optax_snr.centered_moments import centered_moments
-from optax_snr.scale_by_snr import scale_by_snr
+from optax_snr.common import validation
+from optax_snr.stages.bias_correction import bias_correction
+from optax_snr.stages.centered_moments import centered_moments
+from optax_snr.stages.scale_by_snr import scale_by_snr
 
 __all__ = ["adabelief"]
 

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_snr import validation
-from optax_snr.dtypes import promote
-from optax_snr.ema_moments import Moments, cast_like_state, ema, squared_magnitude, tree_ema
+from optax_snr.common import validation
+from optax_snr.common.dtypes import promote
+from optax_snr.common.moments import Moments, cast_like_state, ema, squared_magnitude, tree_ema
 
 __all__ = ["CenteredMomentsState", "centered_moments"]
 

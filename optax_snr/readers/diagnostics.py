@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_snr import validation
-from optax_snr.bias_correction import correction, debias
-from optax_snr.dtypes import compute_dtype, promote
+from optax_snr.common import validation
+from optax_snr.common.dtypes import compute_dtype, promote
+from optax_snr.common.moments import correction, debias
 
 __all__ = [
     "SnrDiagnostics",

@@ -8,10 +8,10 @@ from typing import Any
 import jax
 import optax
 
-from optax_snr import validation
-from optax_snr.bias_correction import bias_correction
-from optax_snr.ema_moments import ema_moments
-from optax_snr.scale_by_snr import scale_by_snr
+from optax_snr.common import validation
+from optax_snr.stages.bias_correction import bias_correction
+from optax_snr.stages.ema_moments import ema_moments
+from optax_snr.stages.scale_by_snr import scale_by_snr
 
 __all__ = ["adamw"]
 

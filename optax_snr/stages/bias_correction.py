@@ -2,61 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_snr import validation
-from optax_snr.dtypes import compute_dtype, promote
-from optax_snr.ema_moments import Moments
+from optax_snr.common import validation
+from optax_snr.common.dtypes import promote
+from optax_snr.common.moments import Moments, correction, debias, require_moments
 
-__all__ = [
-    "BiasCorrectionState",
-    "bias_correction",
-    "correction",
-    "debias",
-    "require_moments",
-]
+__all__ = ["BiasCorrectionState", "bias_correction"]
 
 
 class BiasCorrectionState(NamedTuple):
     """State of :func:`bias_correction`: the one step counter of the chain."""
 
     count: jax.Array  # shape=(), dtype=jnp.int32.
-
-
-def correction(decay: Any, count: jax.Array) -> jax.Array:
-    """The bias-correction factor ``1 - decay ** count``, once for a whole tree.
-
-    The power is taken in float32 (float64 under ``jax_enable_x64``), as in
-    ``optax.tree.bias_correction``: in low precision ``decay ** count`` rounds
-    to 1 and the correction to 0. Computing it once per tree, as Optax does,
-    also gives XLA the same graph to simplify, which keeps results bit-exact.
-    """
-    decay = jnp.asarray(decay)
-    if not jnp.issubdtype(decay.dtype, jnp.floating):
-        decay = decay.astype(jnp.result_type(float))
-    return 1 - jax.lax.pow(decay, count)
-
-
-def debias(moment: jax.Array, factor: jax.Array) -> jax.Array:
-    """``moment / factor``, divided in the moment's :func:`compute_dtype`."""
-    dtype = compute_dtype(moment.dtype)
-    return moment.astype(dtype) / factor.astype(dtype)
-
-
-def require_moments(updates: Any, stage: str) -> Moments:
-    """Raises a clear ``TypeError`` when a stage is chained without moments."""
-    if not isinstance(updates, Moments):
-        raise TypeError(
-            f"{stage} expects the Moments produced by ema_moments (or another "
-            f"moment stage) earlier in the chain, got {type(updates).__name__}. "
-            "Chain it as optax.chain(ema_moments(...), bias_correction(...), "
-            "scale_by_snr(...), ...)."
-        )
-    return updates
 
 
 def bias_correction(

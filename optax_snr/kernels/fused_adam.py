@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_snr import validation
-from optax_snr.adam import adam
-from optax_snr.bias_correction import correction, debias
-from optax_snr.ema_moments import EmaMomentsState
+from optax_snr.common import validation
+from optax_snr.common.moments import correction, debias
+from optax_snr.optimizers.adam import adam
+from optax_snr.stages.ema_moments import EmaMomentsState
 
 __all__ = ["FusedAdam", "build_fused_kernel", "fused_adam"]
 
-_SOURCE = pathlib.Path(__file__).with_name("_fused_adam.cc")
+_SOURCE = pathlib.Path(__file__).with_name("fused_adam.cc")
 _TARGET = "optax_snr_fused_adam"
 _LEAVES_PER_CALL = 64
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17")

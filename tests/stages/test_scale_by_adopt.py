@@ -10,7 +10,7 @@ import pytest
 from absl.testing import parameterized
 
 import optax_snr
-from optax_snr.adopt import fourth_root
+from optax_snr.stages.scale_by_adopt import fourth_root
 
 GRADS = [jnp.array([1.0, -2.0, 0.5]), jnp.array([3.0, 0.0, -0.5]), jnp.array([-1.0, 1.0, 2.0])]
 

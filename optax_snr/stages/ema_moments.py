@@ -5,36 +5,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from optax_snr import validation
-from optax_snr.dtypes import compute_dtype, promote
+from optax_snr.common import validation
+from optax_snr.common.moments import Moments, cast_like_state, squared_magnitude, tree_ema
 
-__all__ = [
-    "EmaMomentsState",
-    "Moments",
-    "cast_like_state",
-    "ema",
-    "ema_moments",
-    "squared_magnitude",
-    "tree_ema",
-]
-
-
-class Moments(NamedTuple):
-    """What passes between the moment stages in place of plain updates.
-
-    ``ema_moments`` turns the gradient tree into a ``Moments`` of three trees
-    with the gradient's structure; the stages after it (``bias_correction``,
-    ``scale_by_snr``, the variants' stages) read and rewrite these fields, and
-    ``scale_by_snr`` turns them back into an ordinary update tree. Under
-    ``jax.jit`` nothing here is materialized: XLA fuses the chain per leaf.
-    """
-
-    mu: Any  # Signal: EMA of gradients (biased, then bias-corrected).
-    nu: Any  # Noise: EMA of squared gradients (biased, then bias-corrected).
-    grad: Any  # This step's raw gradient: for look-ahead momentum and dtypes.
+__all__ = ["EmaMomentsState", "ema_moments"]
 
 
 class EmaMomentsState(NamedTuple):
@@ -42,46 +18,6 @@ class EmaMomentsState(NamedTuple):
 
     mu: Any  # EMA of gradients; params' structure, dtype mu_dtype or params'.
     nu: Any  # EMA of |gradient|^2; params' structure, dtype nu_dtype or params'.
-
-
-def ema(x: jax.Array, moment: jax.Array, decay: Any) -> jax.Array:
-    """One EMA step, ``(1 - decay) * x + decay * moment``, with explicit casts.
-
-    The arithmetic is the one Optax performs with weakly typed Python scalars
-    (each product in its operand's dtype, the sum in the promoted dtype), so the
-    results are bit-identical, but every cast is spelled out and the function
-    runs under ``jax.numpy_dtype_promotion("strict")``. ``1 - decay`` is formed
-    before the cast, as Optax does, so a Python ``decay`` keeps its float64
-    precision until it meets the array.
-    """
-    dtype = promote(x.dtype, moment.dtype)
-    new = jnp.asarray(1 - decay, x.dtype) * x
-    old = jnp.asarray(decay, moment.dtype) * moment
-    return new.astype(dtype) + old.astype(dtype)
-
-
-def tree_ema(updates: Any, moments: Any, decay: Any) -> Any:
-    """:func:`ema` over a tree; a ``None`` update leaf gives ``None``."""
-    return jax.tree.map(
-        lambda x, m: None if x is None else ema(x, m, decay),
-        updates,
-        moments,
-        is_leaf=lambda x: x is None,
-    )
-
-
-def squared_magnitude(g: jax.Array) -> jax.Array:
-    """|g|^2: ``g ** 2`` for real ``g``, ``(conj(g) * g).real`` for complex.
-
-    16-bit floats are squared in float32 (:func:`compute_dtype`): in float16,
-    ``g ** 2`` overflows to inf for ``|g| >= 256`` and vanishes for
-    ``|g| < 2.4e-4``, which turns the step into 0 or into ``g / eps``. Other
-    dtypes are squared in their own dtype, as Optax does.
-    """
-    if jnp.iscomplexobj(g):
-        return (g.conj() * g).real
-    g = g.astype(compute_dtype(g.dtype))
-    return g**2
 
 
 def ema_moments(
@@ -158,13 +94,3 @@ def ema_moments(
         return Moments(mu=mu, nu=nu, grad=updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def cast_like_state(tree: Any, state_tree: Any) -> Any:
-    """Casts new moments to the state's dtypes; a ``None`` update keeps the old buffer."""
-    return jax.tree.map(
-        lambda x, s: s if x is None else x.astype(s.dtype),
-        tree,
-        state_tree,
-        is_leaf=lambda x: x is None,
-    )

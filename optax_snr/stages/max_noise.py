@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_snr.bias_correction import require_moments
-from optax_snr.dtypes import promote
-from optax_snr.ema_moments import cast_like_state
+from optax_snr.common.dtypes import promote
+from optax_snr.common.moments import cast_like_state, require_moments
 
 __all__ = ["MaxNoiseState", "max_noise"]
 

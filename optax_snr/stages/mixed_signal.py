@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_snr import validation
-from optax_snr.bias_correction import BiasCorrectionState, bias_correction, require_moments
-from optax_snr.dtypes import promote
-from optax_snr.ema_moments import cast_like_state, tree_ema
+from optax_snr.common import validation
+from optax_snr.common.dtypes import promote
+from optax_snr.common.moments import cast_like_state, require_moments, tree_ema
+from optax_snr.stages.bias_correction import BiasCorrectionState, bias_correction
 
 __all__ = ["MixedSignalState", "mixed_signal"]
 

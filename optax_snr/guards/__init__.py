@@ -1,0 +1,1 @@
+"""Guards: wrappers that protect a training run from bad steps."""

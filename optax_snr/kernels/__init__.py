@@ -1,0 +1,1 @@
+"""Fused kernels: the same optimizers computed in one pass by native code (experimental)."""

@@ -1,0 +1,1 @@
+"""Readers of an optimizer state: pure, jittable functions that add no buffers."""
