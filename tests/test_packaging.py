@@ -70,3 +70,12 @@ def test_ci_runs_the_readme_commands_and_builds_the_docs():
     assert ci.index(DOCS_BUILD) > ci.index(test_command)
     assert 'pip install -e ".[docs]"' in readme and DOCS_BUILD in readme
     assert "optax_snr[docs]" in PYPROJECT["project"]["optional-dependencies"]["test"]
+
+
+def test_api_reference_lists_every_public_name():
+    """A public name missing from docs/api/*.md would have no reference page."""
+    listed = set()
+    for page in (helpers.REPO / "docs" / "api").glob("*.md"):
+        listed.update(re.findall(r"^   ([A-Za-z_][A-Za-z0-9_]*)$", page.read_text(), flags=re.M))
+    missing = sorted(set(optax_snr.__all__) - listed)
+    assert not missing, f"add to a page in docs/api/: {missing}"
