@@ -1,7 +1,5 @@
 """Dtype rules shared by the stages, spelled out so they run under strict promotion."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 

@@ -5,8 +5,6 @@ Every stage in :mod:`optax_snr.stages` and every reader in
 bias-correction factor and the casts are written once.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

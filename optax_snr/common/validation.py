@@ -10,8 +10,6 @@ Tree checks run at trace time on static information only (structure, shape,
 dtype), so they cost nothing inside a compiled step.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any
 

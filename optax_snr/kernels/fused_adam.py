@@ -1,7 +1,5 @@
 """Fused Adam step on CPU: update and apply in one pass over memory (experimental)."""
 
-from __future__ import annotations
-
 import ctypes
 import functools
 import hashlib

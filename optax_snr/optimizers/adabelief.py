@@ -1,7 +1,5 @@
 """AdaBelief: Adam whose noise is centered on the signal."""
 
-from __future__ import annotations
-
 import jax
 import optax
 

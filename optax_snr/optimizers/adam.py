@@ -1,7 +1,5 @@
 """Adam: signal, bias correction, ratio and learning rate, chained."""
 
-from __future__ import annotations
-
 import jax
 import optax
 

@@ -1,7 +1,5 @@
 """AdamW: Adam's chain with decoupled weight decay before the learning rate."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 

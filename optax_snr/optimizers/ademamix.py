@@ -1,7 +1,5 @@
 """AdEMAMix: AdamW whose signal mixes in a slow EMA of the gradient."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 

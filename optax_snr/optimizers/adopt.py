@@ -1,7 +1,5 @@
 """ADOPT: the ratio first, against the previous step's noise, then its average."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import jax

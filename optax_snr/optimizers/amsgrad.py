@@ -1,7 +1,5 @@
 """AMSGrad: Adam whose noise is the running maximum of its noise."""
 
-from __future__ import annotations
-
 import jax
 import optax
 

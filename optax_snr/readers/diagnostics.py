@@ -7,8 +7,6 @@ compute nothing unless called, and run under ``jax.jit``, so a training loop
 can log them every N steps.
 """
 
-from __future__ import annotations
-
 import functools
 from typing import Any, NamedTuple
 

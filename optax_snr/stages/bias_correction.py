@@ -1,7 +1,5 @@
 """Bias: undo the EMAs' pull towards their zero initialization."""
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import jax

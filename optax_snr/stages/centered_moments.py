@@ -1,7 +1,5 @@
 """Signal and centered noise: EMAs of the gradient and of its squared deviation (AdaBelief)."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

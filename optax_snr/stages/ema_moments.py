@@ -1,7 +1,5 @@
 """Signal and noise: exponential moving averages of the gradient and its square."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

@@ -1,7 +1,5 @@
 """Ratio first: ADOPT's average of each gradient over the previous step's noise."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
