@@ -4,6 +4,7 @@ import jax
 import optax
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.bias_correction import bias_correction
 from optax_snr.stages.centered_moments import centered_moments
 from optax_snr.stages.scale_by_snr import scale_by_snr
@@ -68,8 +69,11 @@ def adabelief(
     """
     validation.check_learning_rate(learning_rate)
     return optax.chain(
-        centered_moments(b1, b2, eps_root),  # signal m, centered noise s
-        bias_correction(b1, b2, nesterov=nesterov),  # m_hat, s_hat; owns count
-        scale_by_snr(eps, eps_root=0.0),  # m_hat / (sqrt(s_hat) + eps)
+        chain_as(  # the three stages' states as one optax.ScaleByBeliefState(count, mu, nu)
+            optax.ScaleByBeliefState,
+            centered_moments(b1, b2, eps_root),  # signal m, centered noise s
+            bias_correction(b1, b2, nesterov=nesterov),  # m_hat, s_hat; owns count
+            scale_by_snr(eps, eps_root=0.0),  # m_hat / (sqrt(s_hat) + eps)
+        ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )

@@ -6,6 +6,7 @@ import jax
 import optax
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.scale_by_adopt import fourth_root, scale_by_adopt
 
 __all__ = ["adopt"]
@@ -72,14 +73,17 @@ def adopt(
     """
     validation.check_learning_rate(learning_rate)
     return optax.chain(
-        scale_by_adopt(  # averaged ratio g / previous noise; owns count
-            b1,
-            b2,
-            eps,
-            mu_dtype,
-            nesterov=nesterov,
-            use_clipping=use_clipping,
-            clip_value_fn=clip_value_fn,
+        chain_as(  # its state as Optax's: optax.ScaleByAdamState(count, mu, nu)
+            optax.ScaleByAdamState,
+            scale_by_adopt(  # averaged ratio g / previous noise; owns count
+                b1,
+                b2,
+                eps,
+                mu_dtype,
+                nesterov=nesterov,
+                use_clipping=use_clipping,
+                clip_value_fn=clip_value_fn,
+            ),
         ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )
