@@ -71,8 +71,8 @@ def amsgrad(
       <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
     """
     validation.check_learning_rate(learning_rate)
-    validation.check_bool("bias_correction_mu", bias_correction_mu)
-    validation.check_bool("bias_correction_nu", bias_correction_nu)
+    bias_correction_mu = validation.check_bool("bias_correction_mu", bias_correction_mu)
+    bias_correction_nu = validation.check_bool("bias_correction_nu", bias_correction_nu)
     # Skipping a correction is correcting with a decay of 0: 1 - 0^t = 1, and
     # m / 1 is m exactly, so the flags need no stage of their own.
     return optax.chain(
