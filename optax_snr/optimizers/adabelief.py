@@ -32,9 +32,9 @@ def adabelief(
     :func:`~optax_snr.centered_moments` estimates the noise from the gradient's
     deviation from the signal instead of from the raw gradient, so a large but
     consistent gradient keeps a large step. ``eps_root`` goes into the noise
-    buffer (Optax's convention), so ``scale_by_snr`` gets none. The state holds
-    ``mu``, ``nu`` and ``count``, as Optax's; under ``jax.jit`` the result is
-    bit-identical to :func:`optax.adabelief`.
+    buffer (Optax's convention), so ``scale_by_snr`` gets none. The state is
+    Optax's own ``ScaleByBeliefState(count, mu, nu)``; under ``jax.jit`` the
+    result is bit-identical to :func:`optax.adabelief`.
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.

@@ -24,7 +24,9 @@ def scale_by_adam(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by Adam's pseudo signal-to-noise ratio (no learning rate).
 
-    A drop-in for :func:`optax.scale_by_adam`, built from three stages:
+    A drop-in for :func:`optax.scale_by_adam`, built from three stages whose
+    states :func:`~optax_snr.chain_as` keeps in one
+    ``optax.ScaleByAdamState(count, mu, nu)``, as Optax's:
 
     .. math::
 

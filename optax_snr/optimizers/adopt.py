@@ -33,9 +33,9 @@ def adopt(
 
     :func:`scale_by_adopt` followed by Optax's
     :func:`optax.scale_by_learning_rate`; see :func:`scale_by_adopt` for why
-    ADOPT is one stage. The state holds ``count``, ``mu`` and ``nu``, as
-    Optax's; under ``jax.jit`` the result is bit-identical to
-    :func:`optax.contrib.adopt`.
+    ADOPT is one stage. The state holds ``count``, ``mu`` and ``nu`` in
+    Optax's own ``ScaleByAdamState``, as :func:`optax.contrib.adopt`'s;
+    under ``jax.jit`` the result is bit-identical to it.
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.

@@ -230,3 +230,24 @@ def test_chain_as_example_in_readme_has_amsgrad_s_first_stage():
     )
     expected = optax.amsgrad(1e-2).init(params)[0]
     assert jax.tree.structure(tx.init(params)) == jax.tree.structure(expected)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_extra_args_and_one_trace_with_the_packed_state(name):
+    ours, theirs = OPTIMIZERS[name]
+    tx = ours(1e-2)
+    if isinstance(theirs(1e-2), optax.GradientTransformationExtraArgs):
+        assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    params = helpers.multi_leaf_params()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(p, s, i):
+        updates, s = tx.update(helpers.noisy_grad(p, i), s, p, loss=jnp.zeros(()))
+        return optax.apply_updates(p, updates), s
+
+    state = tx.init(params)
+    for i in range(4):
+        params, new_state = step(params, state, jnp.asarray(i, jnp.int32))
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        state = new_state
