@@ -11,7 +11,13 @@ __all__ = ["chain_as"]
 
 def _state_fields(stage: optax.GradientTransformation, position: int) -> type:
     """The NamedTuple class of ``stage``'s state, found without params or computation."""
-    state = jax.eval_shape(stage.init, ())
+    try:
+        state = jax.eval_shape(stage.init, ())  # The class does not depend on the params.
+    except Exception as e:
+        raise TypeError(
+            f"chain_as: stage {position}'s init fails on an empty tree ({e}); chain_as "
+            "packs stages whose state class does not depend on the params."
+        ) from e
     fields = getattr(type(state), "_fields", None)
     if not isinstance(state, tuple) or fields is None:
         raise TypeError(

@@ -124,3 +124,12 @@ def test_a_state_of_another_layout_is_a_clear_error():
     old = optax.chain(*_stages()).init(jnp.zeros(2))
     with pytest.raises(TypeError, match=r"a ScaleByAdamState with fields \('count', 'mu', 'nu'\)"):
         tx.update(jnp.ones(2), old)
+
+
+def test_a_stage_whose_init_needs_params_is_a_clear_error():
+    def init_fn(params):
+        return optax.ScaleByScheduleState(count=params["w"])  # needs a real tree
+
+    stage = optax.GradientTransformation(init_fn, lambda u, s, p=None: (u, s))
+    with pytest.raises(TypeError, match="stage 0's init fails on an empty tree"):
+        optax_snr.chain_as(optax.ScaleByScheduleState, stage)
