@@ -11,6 +11,7 @@ Each stage is one :class:`optax.GradientTransformation`, chained with
 :func:`adam` is that chain, a bit-exact drop-in for :func:`optax.adam`.
 """
 
+from optax_snr.common.chain_as import chain_as as chain_as
 from optax_snr.common.dtypes import compute_dtype as compute_dtype
 from optax_snr.common.moments import Moments as Moments
 from optax_snr.guards.skip_nonfinite import SkipNonfiniteState as SkipNonfiniteState
@@ -68,6 +69,7 @@ __all__ = [
     "amsgrad",
     "bias_correction",
     "centered_moments",
+    "chain_as",
     "compute_dtype",
     "ema_moments",
     "flatten_diagnostics",

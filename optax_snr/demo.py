@@ -19,8 +19,6 @@ package does not need them. The functions are importable, so the notebooks
 reuse the data loading and the model.
 """
 
-from __future__ import annotations
-
 import argparse
 import csv
 import math

@@ -126,7 +126,7 @@ def main(process_id: int, port: int, out_file: str) -> None:
         assert len(mu[k].addressable_shards) == 2
 
     gathered = multihost_utils.process_allgather(
-        {"params": params, "mu": mu, "nu": nu, "count": state[1].count}, tiled=True
+        {"params": params, "mu": mu, "nu": nu, "count": state[0].count}, tiled=True
     )
     if process_id == 0:
         flat = {

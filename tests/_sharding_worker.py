@@ -201,7 +201,7 @@ def check_donated_train_step() -> dict[str, Any]:
         for name, moment in moment_trees(state).items():
             mismatches += sharding_mismatches(moment, want_params, f"step{i}/{name}")
         # The count starts as an uncommitted scalar and stays replicated.
-        count_replicated = count_replicated and state[1].count.sharding.is_fully_replicated
+        count_replicated = count_replicated and state[0].count.sharding.is_fully_replicated
     ref_params, ref_state = unsharded_run()
     return {
         "donated_mismatches": mismatches,
@@ -209,7 +209,7 @@ def check_donated_train_step() -> dict[str, Any]:
         "donated_count_replicated": bool(count_replicated),
         "donated_params_diff": max_abs_diff(params, ref_params),
         "donated_state_diff": max_abs_diff(state, ref_state),
-        "donated_count": int(state[1].count),
+        "donated_count": int(state[0].count),
     }
 
 
@@ -246,7 +246,7 @@ def check_shard_map_data_parallel() -> dict[str, Any]:
     return {
         "dp_params_diff": max_abs_diff(params, ref_params),
         "dp_state_diff": max_abs_diff(state, ref_state),
-        "dp_count": int(state[1].count),
+        "dp_count": int(state[0].count),
     }
 
 
@@ -297,7 +297,7 @@ def check_checkpoint_reshard(directory: str) -> dict[str, Any]:
         "reshard_restored_diff": restored_diff,
         "reshard_params_diff": max_abs_diff(params, ref_params),
         "reshard_state_diff": max_abs_diff(state, ref_state),
-        "reshard_count": int(state[1].count),
+        "reshard_count": int(state[0].count),
     }
 
 

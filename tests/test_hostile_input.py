@@ -16,6 +16,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import optax.contrib
 import pytest
 from absl.testing import parameterized
 
@@ -178,3 +180,81 @@ def test_checks_are_static_and_cost_nothing_in_the_compiled_step():
     params = _params()
     lowered = jax.jit(tx.update).lower(params, tx.init(params)).as_text()
     assert "custom_call" not in lowered and "callback" not in lowered
+
+
+class NoneAndPythonLeavesTest(chex.TestCase):
+    """Leaves that are None in the state, and gradients given as Python numbers."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*_NAMED)
+    def test_array_gradient_for_a_none_param_is_named(self, factory):
+        params = {**_params(), "frozen": None}
+        tx = factory(learning_rate=1e-3)
+        grads = {**_params(), "frozen": jnp.ones(3)}
+        # Optax fails here with "unsupported operand type(s) for *: 'float' and 'NoneType'".
+        with pytest.raises(ValueError, match=re.escape("['frozen']")) as info:
+            self.variant(tx.update)(grads, tx.init(params), params)
+        assert "None" in str(info.value) and "(3,)" in str(info.value)
+
+    @parameterized.named_parameters(*_NAMED)
+    def test_python_float_gradients_are_taken_as_optax_takes_them(self, factory):
+        # optax.adam accepts {"w": 1.0} eagerly (a float32 update); so do we.
+        reference = {
+            "adam": optax.adam,
+            "adamw": optax.adamw,
+            "amsgrad": optax.amsgrad,
+            "nadam": optax.nadam,
+            "nadamw": optax.nadamw,
+            "adabelief": optax.adabelief,
+            "adopt": optax.contrib.adopt,
+            "ademamix": optax.contrib.ademamix,
+        }[factory.__name__]
+        for params in ({"w": jnp.ones(()), "b": jnp.ones(())}, {"w": 1.0, "b": 2.0}):
+            tx = factory(learning_rate=1e-1)
+            state = tx.init(params)
+            with jax.numpy_dtype_promotion("standard"):
+                ref = reference(learning_rate=1e-1)
+                ref_state = ref.init(params)
+            for g in (1.0, -0.5):
+                grads = {"w": g, "b": np.float32(g)}
+                updates, state = tx.update(grads, state, params)
+                with jax.numpy_dtype_promotion("standard"):
+                    expected, ref_state = ref.update(grads, ref_state, params)
+                chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+                chex.assert_trees_all_equal_dtypes(updates, expected)
+
+    def test_python_int_and_string_gradients_are_named(self):
+        tx = optax_snr.adam(1e-3)
+        state = tx.init({"w": jnp.ones(())})
+        for bad in (1, "1.0"):
+            with pytest.raises(TypeError, match=re.escape("['w']")):
+                tx.update({"w": bad}, state)
+
+
+@pytest.mark.parametrize("flag", [np.True_, np.False_, jnp.array(True), np.array(False)])
+def test_numpy_and_jax_bools_are_flags_as_in_optax(flag):
+    params = {"w": jnp.array([1.0, -2.0])}
+    expected_tx = optax_snr.adam(1e-2, nesterov=bool(flag))
+    for factory in (optax_snr.adam, optax_snr.adamw, optax_snr.adabelief, optax_snr.adopt):
+        factory(1e-2, nesterov=flag)
+    optax_snr.amsgrad(1e-2, bias_correction_mu=flag, bias_correction_nu=flag)
+    optax_snr.adopt(1e-2, use_clipping=flag)
+    tx = optax_snr.adam(1e-2, nesterov=flag)
+    got, _ = tx.update(params, tx.init(params))
+    expected, _ = expected_tx.update(params, expected_tx.init(params))
+    chex.assert_trees_all_equal(got, expected)
+
+
+@pytest.mark.parametrize("flag", [1, np.int32(1), jnp.array([True]), "yes", None])
+def test_other_flags_are_refused(flag):
+    with pytest.raises(TypeError, match="nesterov must be a bool"):
+        optax_snr.adam(1e-2, nesterov=flag)
+
+
+def test_a_traced_flag_is_a_clear_error():
+    @jax.jit
+    def build(flag):
+        return optax_snr.adam(1e-2, nesterov=flag)
+
+    with pytest.raises(TypeError, match="nesterov must be a concrete bool"):
+        build(jnp.array(True))

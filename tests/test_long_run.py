@@ -80,10 +80,10 @@ def test_hundred_thousand_steps_float32_tracks_float64(x64):
 
     # The count is exact and int32 in both runs.
     for state in (state32, state64):
-        assert state[1].count.dtype == jnp.int32
-        assert int(state[1].count) == STEPS == 100_000
+        assert state[0].count.dtype == jnp.int32
+        assert int(state[0].count) == STEPS == 100_000
     # The bias correction has reached exactly 1 (in float32 arithmetic too).
-    count = state32[1].count
+    count = state32[0].count
     for decay in (0.9, 0.999):
         assert float(correction(jnp.asarray(decay, jnp.float32), count)) == 1.0
         assert float(correction(decay, count)) == 1.0

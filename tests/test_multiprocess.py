@@ -72,7 +72,7 @@ def test_two_process_training_equals_single_process(tmp_path):
         "params": params,
         "mu": state[0].mu,
         "nu": state[0].nu,
-        "count": state[1].count,
+        "count": state[0].count,
     }
     expected = {
         jax.tree_util.keystr(path): np.asarray(leaf)

@@ -5,8 +5,6 @@ Every stage in :mod:`optax_snr.stages` and every reader in
 bias-correction factor and the casts are written once.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -102,7 +100,30 @@ def correction(decay: Any, count: jax.Array) -> jax.Array:
     decay = jnp.asarray(decay)
     if not jnp.issubdtype(decay.dtype, jnp.floating):
         decay = decay.astype(jnp.result_type(float))
-    return 1 - jax.lax.pow(decay, count)
+    return 1 - _power(decay, count)
+
+
+@jax.custom_jvp
+def _power(decay: jax.Array, count: jax.Array) -> jax.Array:
+    """``decay ** count`` for an integer ``count``, differentiable under strict promotion.
+
+    The value is ``jax.lax.pow``'s, as in Optax. Its derivative in JAX promotes
+    the int32 ``count`` to ``decay``'s dtype implicitly, which
+    ``jax.numpy_dtype_promotion("strict")`` refuses; the rule below performs
+    the same operations with the cast spelled out, so ``jax.grad`` with
+    respect to ``b1`` or ``b2`` works and equals Optax's gradient.
+    """
+    return jax.lax.pow(decay, count)
+
+
+@_power.defjvp
+def _power_jvp(primals, tangents):
+    decay, count = primals
+    decay_dot, _ = tangents
+    y = count.astype(decay.dtype)
+    safe_y = jnp.where(y == 0, jnp.ones_like(y), y)  # as lax.pow's rule, no 0 * inf
+    jac = jnp.where(y == 0, jnp.zeros_like(y), safe_y * jax.lax.pow(decay, y - 1))
+    return _power(decay, count), decay_dot * jac
 
 
 def debias(moment: jax.Array, factor: jax.Array) -> jax.Array:

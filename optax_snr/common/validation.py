@@ -10,8 +10,6 @@ Tree checks run at trace time on static information only (structure, shape,
 dtype), so they cost nothing inside a compiled step.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any
 
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "array_leaves",
     "check_bool",
     "check_dtype",
     "check_float_leaves",
@@ -98,10 +97,25 @@ def check_learning_rate(learning_rate: Any) -> None:
     check_scalar_or_schedule("learning_rate", learning_rate, low=0.0)
 
 
-def check_bool(name: str, value: Any) -> None:
-    """Raises ``TypeError`` unless ``value`` is a Python bool (flags are static)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}.")
+def check_bool(name: str, value: Any) -> bool:
+    """Returns ``value`` as a Python bool; raises ``TypeError`` unless it is a concrete bool.
+
+    A Python bool, a NumPy bool (``np.True_``) or a scalar NumPy or JAX bool
+    array (``jnp.array(True)``) is accepted, as Optax accepts them. Flags
+    decide the structure of the computation, so a traced value is refused,
+    and so are numbers (``1`` is not a flag).
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a concrete bool, got a traced value; it decides the "
+            "structure of the computation, so pass it as a Python bool (under "
+            "optax.inject_hyperparams, list it in static_args)."
+        )
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.dtype == bool and value.shape == ():
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}.")
 
 
 def check_dtype(name: str, dtype: Any) -> jnp.dtype | None:
@@ -125,8 +139,8 @@ def check_float_leaves(tree: Any, what: str, stage: str) -> None:
     """
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = getattr(leaf, "dtype", None)
-        if dtype is None:
-            dtype = np.result_type(leaf)
+        if dtype is None:  # A Python number (or a string, an object: not a number).
+            dtype = np.asarray(leaf).dtype
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
                 f"{stage}: {what} leaf {jax.tree_util.keystr(path) or '<root>'} has "
@@ -155,6 +169,13 @@ def check_matching_trees(updates: Any, reference: Any, stage: str) -> None:
         )
     for path, u in upd.items():
         r = ref[path]
+        if r is None and u is not None:
+            raise ValueError(
+                f"{stage}: updates leaf {jax.tree_util.keystr(path)} is an array of "
+                f"shape {np.shape(u)}, but the optimizer state holds None there (the "
+                "param was None when init built the state). Give None as its "
+                "gradient, or build the state from params that hold an array there."
+            )
         if u is None or r is None:
             continue
         if np.shape(u) != np.shape(r):
@@ -162,3 +183,14 @@ def check_matching_trees(updates: Any, reference: Any, stage: str) -> None:
                 f"{stage}: updates leaf {jax.tree_util.keystr(path)} has shape "
                 f"{np.shape(u)} but the optimizer state expects {np.shape(r)}."
             )
+
+
+def array_leaves(tree: Any) -> Any:
+    """The tree with Python and NumPy numbers turned into JAX arrays (``jnp.asarray``).
+
+    Optax's arithmetic accepts a Python float as a gradient or parameter leaf
+    (it gives a float32 update); the stages read ``.dtype`` and ``.astype``, so
+    they convert such leaves first. JAX arrays, tracers and ``None`` pass
+    through unchanged.
+    """
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), tree)

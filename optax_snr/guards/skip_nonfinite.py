@@ -1,7 +1,5 @@
 """Faults: skip a step whose gradients or new optimizer state are not finite."""
 
-from __future__ import annotations
-
 import functools
 from typing import Any, NamedTuple
 

@@ -1,7 +1,5 @@
 """Fused Adam step on CPU: update and apply in one pass over memory (experimental)."""
 
-from __future__ import annotations
-
 import ctypes
 import functools
 import hashlib
@@ -22,7 +20,6 @@ import optax
 from optax_snr.common import validation
 from optax_snr.common.moments import correction, debias
 from optax_snr.optimizers.adam import adam
-from optax_snr.stages.ema_moments import EmaMomentsState
 
 __all__ = ["FusedAdam", "build_fused_kernel", "fused_adam"]
 
@@ -227,9 +224,9 @@ def fused_adam(
             return new_params, new_state
 
         _register()
-        count = new_state[1].count
+        count = new_state[0].count
         one = jnp.ones([], jnp.float32)
-        neg_lr, _ = lr_stage.update(one, state[3])  # -learning_rate at this step.
+        neg_lr, _ = lr_stage.update(one, state[-1])  # -learning_rate at this step.
         scalars = jnp.stack(
             [
                 jnp.asarray(1 - b1, jnp.float32),
@@ -259,7 +256,9 @@ def fused_adam(
             out = jax.ffi.ffi_call(_TARGET, results, input_output_aliases=aliases)(*operands)
             for k, i in enumerate(group):
                 p_new[i], m_new[i], v_new[i] = out[3 * k], out[3 * k + 1], out[3 * k + 2]
-        new_moments = EmaMomentsState(mu=treedef.unflatten(m_new), nu=treedef.unflatten(v_new))
+        new_moments = new_state[0]._replace(
+            mu=treedef.unflatten(m_new), nu=treedef.unflatten(v_new)
+        )
         return treedef.unflatten(p_new), (new_moments, *new_state[1:])
 
     return FusedAdam(tx.init, tx.update, step)

@@ -1,11 +1,10 @@
 """AdaBelief: Adam whose noise is centered on the signal."""
 
-from __future__ import annotations
-
 import jax
 import optax
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.bias_correction import bias_correction
 from optax_snr.stages.centered_moments import centered_moments
 from optax_snr.stages.scale_by_snr import scale_by_snr
@@ -33,9 +32,9 @@ def adabelief(
     :func:`~optax_snr.centered_moments` estimates the noise from the gradient's
     deviation from the signal instead of from the raw gradient, so a large but
     consistent gradient keeps a large step. ``eps_root`` goes into the noise
-    buffer (Optax's convention), so ``scale_by_snr`` gets none. The state holds
-    ``mu``, ``nu`` and ``count``, as Optax's; under ``jax.jit`` the result is
-    bit-identical to :func:`optax.adabelief`.
+    buffer (Optax's convention), so ``scale_by_snr`` gets none. The state is
+    Optax's own ``ScaleByBeliefState(count, mu, nu)``; under ``jax.jit`` the
+    result is bit-identical to :func:`optax.adabelief`.
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.
@@ -70,8 +69,11 @@ def adabelief(
     """
     validation.check_learning_rate(learning_rate)
     return optax.chain(
-        centered_moments(b1, b2, eps_root),  # signal m, centered noise s
-        bias_correction(b1, b2, nesterov=nesterov),  # m_hat, s_hat; owns count
-        scale_by_snr(eps, eps_root=0.0),  # m_hat / (sqrt(s_hat) + eps)
+        chain_as(  # the three stages' states as one optax.ScaleByBeliefState(count, mu, nu)
+            optax.ScaleByBeliefState,
+            centered_moments(b1, b2, eps_root),  # signal m, centered noise s
+            bias_correction(b1, b2, nesterov=nesterov),  # m_hat, s_hat; owns count
+            scale_by_snr(eps, eps_root=0.0),  # m_hat / (sqrt(s_hat) + eps)
+        ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )

@@ -1,11 +1,10 @@
 """Adam: signal, bias correction, ratio and learning rate, chained."""
 
-from __future__ import annotations
-
 import jax
 import optax
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.bias_correction import bias_correction
 from optax_snr.stages.ema_moments import ema_moments
 from optax_snr.stages.scale_by_snr import scale_by_snr
@@ -25,7 +24,9 @@ def scale_by_adam(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by Adam's pseudo signal-to-noise ratio (no learning rate).
 
-    A drop-in for :func:`optax.scale_by_adam`, built from three stages:
+    A drop-in for :func:`optax.scale_by_adam`, built from three stages whose
+    states :func:`~optax_snr.chain_as` keeps in one
+    ``optax.ScaleByAdamState(count, mu, nu)``, as Optax's:
 
     .. math::
 
@@ -51,7 +52,8 @@ def scale_by_adam(
       >>> updates  # the first step is about +-1: |m_hat| equals sqrt(v_hat)
       Array([ 0.9999934, -0.9999934], dtype=float32)
     """
-    return optax.chain(
+    return chain_as(
+        optax.ScaleByAdamState,  # the stages' states packed as Optax's (count, mu, nu)
         ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),
         bias_correction(b1, b2, nesterov=nesterov),
         scale_by_snr(eps, eps_root),
@@ -115,8 +117,11 @@ def adam(
     """
     validation.check_learning_rate(learning_rate)
     return optax.chain(
-        ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),  # signal m, noise v
-        bias_correction(b1, b2, nesterov=nesterov),  # m_hat, v_hat; owns count
-        scale_by_snr(eps, eps_root),  # m_hat / (sqrt(v_hat) + eps)
+        chain_as(  # the three stages' states as one optax.ScaleByAdamState(count, mu, nu)
+            optax.ScaleByAdamState,
+            ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),  # signal m, noise v
+            bias_correction(b1, b2, nesterov=nesterov),  # m_hat, v_hat; owns count
+            scale_by_snr(eps, eps_root),  # m_hat / (sqrt(v_hat) + eps)
+        ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )

@@ -1,7 +1,5 @@
 """AdamW: Adam's chain with decoupled weight decay before the learning rate."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +7,7 @@ import jax
 import optax
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.bias_correction import bias_correction
 from optax_snr.stages.ema_moments import ema_moments
 from optax_snr.stages.scale_by_snr import scale_by_snr
@@ -79,9 +78,12 @@ def adamw(
     validation.check_learning_rate(learning_rate)
     validation.check_scalar_or_schedule("weight_decay", weight_decay, low=0.0)
     return optax.chain(
-        ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),  # signal m, noise v
-        bias_correction(b1, b2, nesterov=nesterov),  # m_hat, v_hat; owns count
-        scale_by_snr(eps, eps_root),  # m_hat / (sqrt(v_hat) + eps)
+        chain_as(  # the three stages' states as one optax.ScaleByAdamState(count, mu, nu)
+            optax.ScaleByAdamState,
+            ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),  # signal m, noise v
+            bias_correction(b1, b2, nesterov=nesterov),  # m_hat, v_hat; owns count
+            scale_by_snr(eps, eps_root),  # m_hat / (sqrt(v_hat) + eps)
+        ),
         optax.add_decayed_weights(weight_decay, mask),  # + weight_decay * params
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )

@@ -1,14 +1,14 @@
 """AdEMAMix: AdamW whose signal mixes in a slow EMA of the gradient."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
+import optax.contrib
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.ema_moments import ema_moments
 from optax_snr.stages.mixed_signal import mixed_signal
 from optax_snr.stages.scale_by_snr import scale_by_snr
@@ -40,11 +40,12 @@ def ademamix(
     :func:`optax.scale_by_learning_rate`, in the order Optax uses; under
     ``jax.jit`` the result is bit-identical to :func:`optax.contrib.ademamix`.
 
-    The state holds ``mu`` (the fast EMA, which Optax calls ``m1``), ``m2``,
-    ``nu`` and one ``count`` (Optax keeps a second, always equal,
-    ``count_m2``), so it is 4 bytes smaller than Optax's. As in Optax, ``nu``
-    is kept in ``mu_dtype`` too; unlike Optax, the buffers keep that dtype
-    after an update.
+    The state is Optax's own ``ScaleByAdemamixState(count, count_m2, m1, m2,
+    nu)``: :func:`~optax_snr.chain_as` files ``ema_moments``' ``mu`` under
+    Optax's name ``m1`` and writes the one step count of the chain into both
+    counters (Optax increments them together, so they are always equal; the
+    stages read ``count``). As in Optax, ``nu`` is kept in ``mu_dtype`` too;
+    unlike Optax, the buffers keep that dtype after an update.
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.
@@ -85,9 +86,13 @@ def ademamix(
     validation.check_learning_rate(learning_rate)
     validation.check_scalar_or_schedule("weight_decay", weight_decay, low=0.0)
     return optax.chain(
-        ema_moments(b1, b2, mu_dtype, nu_dtype=mu_dtype),  # fast signal m1, noise v
-        mixed_signal(b1, b2, b3, alpha, mu_dtype),  # m1_hat + alpha * m2, v_hat; owns count
-        scale_by_snr(eps, eps_root),  # mixed signal / (sqrt(v_hat) + eps)
+        chain_as(  # the stages' states as one Optax ScaleByAdemamixState
+            optax.contrib.ScaleByAdemamixState,
+            ema_moments(b1, b2, mu_dtype, nu_dtype=mu_dtype),  # fast signal m1, noise v
+            mixed_signal(b1, b2, b3, alpha, mu_dtype),  # m1_hat + alpha * m2, v_hat; owns count
+            scale_by_snr(eps, eps_root),  # mixed signal / (sqrt(v_hat) + eps)
+            fields={"m1": "mu", "count_m2": "count"},  # Optax's names for the same buffers
+        ),
         optax.add_decayed_weights(weight_decay, mask),  # + weight_decay * params
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )

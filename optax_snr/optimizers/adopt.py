@@ -1,13 +1,12 @@
 """ADOPT: the ratio first, against the previous step's noise, then its average."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import jax
 import optax
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.scale_by_adopt import fourth_root, scale_by_adopt
 
 __all__ = ["adopt"]
@@ -34,9 +33,9 @@ def adopt(
 
     :func:`scale_by_adopt` followed by Optax's
     :func:`optax.scale_by_learning_rate`; see :func:`scale_by_adopt` for why
-    ADOPT is one stage. The state holds ``count``, ``mu`` and ``nu``, as
-    Optax's; under ``jax.jit`` the result is bit-identical to
-    :func:`optax.contrib.adopt`.
+    ADOPT is one stage. The state holds ``count``, ``mu`` and ``nu`` in
+    Optax's own ``ScaleByAdamState``, as :func:`optax.contrib.adopt`'s;
+    under ``jax.jit`` the result is bit-identical to it.
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.
@@ -74,14 +73,17 @@ def adopt(
     """
     validation.check_learning_rate(learning_rate)
     return optax.chain(
-        scale_by_adopt(  # averaged ratio g / previous noise; owns count
-            b1,
-            b2,
-            eps,
-            mu_dtype,
-            nesterov=nesterov,
-            use_clipping=use_clipping,
-            clip_value_fn=clip_value_fn,
+        chain_as(  # its state as Optax's: optax.ScaleByAdamState(count, mu, nu)
+            optax.ScaleByAdamState,
+            scale_by_adopt(  # averaged ratio g / previous noise; owns count
+                b1,
+                b2,
+                eps,
+                mu_dtype,
+                nesterov=nesterov,
+                use_clipping=use_clipping,
+                clip_value_fn=clip_value_fn,
+            ),
         ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )

@@ -1,11 +1,10 @@
 """AMSGrad: Adam whose noise is the running maximum of its noise."""
 
-from __future__ import annotations
-
 import jax
 import optax
 
 from optax_snr.common import validation
+from optax_snr.common.chain_as import chain_as
 from optax_snr.stages.bias_correction import bias_correction
 from optax_snr.stages.ema_moments import ema_moments
 from optax_snr.stages.max_noise import max_noise
@@ -32,9 +31,10 @@ def amsgrad(
         {\sqrt{\max_{s \le t} \hat v_s + \epsilon_{root}} + \epsilon}
 
     The state holds ``mu``, ``nu`` (from ``ema_moments``), ``count`` (from
-    ``bias_correction``) and ``nu_max`` (from ``max_noise``): the same buffers
-    as Optax's, under the same names. Under ``jax.jit`` the result is
-    bit-identical to :func:`optax.amsgrad`.
+    ``bias_correction``) and ``nu_max`` (from ``max_noise``), packed by
+    :func:`~optax_snr.chain_as` into Optax's own ``ScaleByAmsgradState``: the
+    same tree as Optax's. Under ``jax.jit`` the result is bit-identical to
+    :func:`optax.amsgrad`.
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.
@@ -71,16 +71,19 @@ def amsgrad(
       <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
     """
     validation.check_learning_rate(learning_rate)
-    validation.check_bool("bias_correction_mu", bias_correction_mu)
-    validation.check_bool("bias_correction_nu", bias_correction_nu)
+    bias_correction_mu = validation.check_bool("bias_correction_mu", bias_correction_mu)
+    bias_correction_nu = validation.check_bool("bias_correction_nu", bias_correction_nu)
     # Skipping a correction is correcting with a decay of 0: 1 - 0^t = 1, and
     # m / 1 is m exactly, so the flags need no stage of their own.
     return optax.chain(
-        ema_moments(b1, b2, mu_dtype),  # signal m, noise v
-        bias_correction(
-            b1 if bias_correction_mu else 0.0, b2 if bias_correction_nu else 0.0
-        ),  # m_hat, v_hat; owns count
-        max_noise(),  # v_max: the largest v_hat so far
-        scale_by_snr(eps, eps_root),  # m_hat / (sqrt(v_max) + eps)
+        chain_as(  # the stages' states as one optax.ScaleByAmsgradState(count, mu, nu, nu_max)
+            optax.ScaleByAmsgradState,
+            ema_moments(b1, b2, mu_dtype),  # signal m, noise v
+            bias_correction(
+                b1 if bias_correction_mu else 0.0, b2 if bias_correction_nu else 0.0
+            ),  # m_hat, v_hat; owns count
+            max_noise(),  # v_max: the largest v_hat so far
+            scale_by_snr(eps, eps_root),  # m_hat / (sqrt(v_max) + eps)
+        ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate
     )

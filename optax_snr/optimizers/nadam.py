@@ -1,7 +1,5 @@
 """Nadam and NAdamW: Adam and AdamW with the look-ahead (Nesterov) signal."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 

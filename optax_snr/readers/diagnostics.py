@@ -7,8 +7,6 @@ compute nothing unless called, and run under ``jax.jit``, so a training loop
 can log them every N steps.
 """
 
-from __future__ import annotations
-
 import functools
 from typing import Any, NamedTuple
 
@@ -106,6 +104,7 @@ def _find_moments(state: Any) -> tuple[Any, Any, bool, jax.Array]:
     noise (a ``nu_max`` field), which is divided by as it is.
     """
     mus = {_parent(p): v for p, v in _find_one(state, "mu")}
+    mus.update({_parent(p): v for p, v in _find_one(state, "m1")})  # AdEMAMix's fast EMA
     nus = {_parent(p): v for p, v in _find_one(state, "nu")}
     holders = [p for p in mus if p in nus]
     if not holders:
@@ -233,7 +232,9 @@ def snr_diagnostics(
     Where the optimizer divides by another noise, that one is reported:
     AMSGrad's running maximum of :math:`\hat v_t` (a ``nu_max`` field) and
     AdaBelief's centered noise (its ``nu``). For AdEMAMix the signal is the
-    fast EMA's alone; ADOPT, whose ``mu`` is already a ratio, is refused.
+    fast EMA (``m1``) alone. A :func:`~optax_snr.scale_by_adopt` state, whose
+    ``mu`` is already a ratio, is refused; ``optax_snr.adopt``'s state is
+    Optax's ``ScaleByAdamState`` and cannot be told from Adam's.
 
     The state does not hold ``b1``, ``b2`` or ``eps``: pass the values the
     optimizer was built with. Left as ``None``, each is read from an

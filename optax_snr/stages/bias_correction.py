@@ -1,7 +1,5 @@
 """Bias: undo the EMAs' pull towards their zero initialization."""
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import jax
@@ -73,7 +71,7 @@ def bias_correction(
     """
     validation.check_hyperparameter("b1", b1, low=0.0, high=1.0)
     validation.check_hyperparameter("b2", b2, low=0.0, high=1.0)
-    validation.check_bool("nesterov", nesterov)
+    nesterov = validation.check_bool("nesterov", nesterov)
 
     def init_fn(params):
         del params

@@ -1,7 +1,5 @@
 """Signal and centered noise: EMAs of the gradient and of its squared deviation (AdaBelief)."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -97,6 +95,7 @@ def centered_moments(
         del params
         validation.check_matching_trees(updates, state.mu, "centered_moments.update")
         validation.check_float_leaves(updates, "updates", "centered_moments.update")
+        updates = validation.array_leaves(updates)  # Python floats, as Optax takes them
         is_none = lambda x: x is None
         mu = tree_ema(updates, state.mu, b1)
 

@@ -1,7 +1,5 @@
 """Signal and noise: exponential moving averages of the gradient and its square."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -84,6 +82,7 @@ def ema_moments(
         del params
         validation.check_matching_trees(updates, state.mu, "ema_moments.update")
         validation.check_float_leaves(updates, "updates", "ema_moments.update")
+        updates = validation.array_leaves(updates)  # Python floats, as Optax takes them
         mu = tree_ema(updates, state.mu, b1)
         nu = tree_ema(jax.tree.map(squared_magnitude, updates), state.nu, b2)
         # The next stages read the moments at full precision; the state keeps

@@ -1,7 +1,5 @@
 """Noise that never shrinks: AMSGrad's running maximum of the noise estimate."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

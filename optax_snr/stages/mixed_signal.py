@@ -1,7 +1,5 @@
 """Signal with a long memory: AdEMAMix's slow EMA mixed into the bias-corrected signal."""
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

@@ -1,7 +1,5 @@
 """Ratio first: ADOPT's average of each gradient over the previous step's noise."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -101,8 +99,8 @@ def scale_by_adopt(
     validation.check_hyperparameter("b2", b2, low=0.0, high=1.0)
     validation.check_hyperparameter("eps", eps, low=0.0)
     mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
-    validation.check_bool("nesterov", nesterov)
-    validation.check_bool("use_clipping", use_clipping)
+    nesterov = validation.check_bool("nesterov", nesterov)
+    use_clipping = validation.check_bool("use_clipping", use_clipping)
     if not callable(clip_value_fn):
         raise TypeError(f"clip_value_fn must be callable, got {clip_value_fn!r}.")
 
@@ -116,6 +114,7 @@ def scale_by_adopt(
         del params
         validation.check_matching_trees(updates, state.mu, "scale_by_adopt.update")
         validation.check_float_leaves(updates, "updates", "scale_by_adopt.update")
+        updates = validation.array_leaves(updates)  # Python floats, as Optax takes them
         is_none = lambda x: x is None
         started = state.count > 0
         # First step: nu_0 = g_0^2 (decay 0) and mu stays 0 (decay 1).

@@ -1,7 +1,5 @@
 """Ratio: the pseudo signal-to-noise ratio that becomes Adam's step direction."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax

@@ -69,3 +69,42 @@ def test_matching_trees():
         validation.check_matching_trees({"x": jnp.ones(2), "b": {"c": jnp.ones((2, 3))}}, ref, "s")
     with pytest.raises(ValueError, match=r"\['b'\]\['c'\] has shape \(3, 2\) but .* \(2, 3\)"):
         validation.check_matching_trees({"a": jnp.ones(2), "b": {"c": jnp.ones((3, 2))}}, ref, "s")
+    with pytest.raises(ValueError, match=r"\['n'\] is an array of shape \(2,\), but .* None"):
+        validation.check_matching_trees({**ref, "n": jnp.ones(2)}, {**ref, "n": None}, "s")
+    validation.check_matching_trees({**ref, "n": None}, {**ref, "n": None}, "s")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        (False, False),
+        (np.True_, True),
+        (jnp.array(True), True),
+        (np.array(False), False),
+    ],
+)
+def test_check_bool_returns_a_python_bool(value, expected):
+    got = validation.check_bool("flag", value)
+    assert type(got) is bool and got is expected
+
+
+@pytest.mark.parametrize(
+    "value", [1, 0.0, np.int8(1), jnp.ones(2, bool), jnp.array(1), None, "True"]
+)
+def test_check_bool_refuses_what_is_not_a_bool(value):
+    with pytest.raises(TypeError, match="flag must be a bool"):
+        validation.check_bool("flag", value)
+
+
+def test_float_leaves_names_python_and_string_leaves():
+    validation.check_float_leaves({"w": 1.0, "n": None}, "updates", "s")
+    for bad in (1, "1.0", object()):
+        with pytest.raises(TypeError, match=r"s: updates leaf \['w'\] has dtype"):
+            validation.check_float_leaves({"w": bad}, "updates", "s")
+
+
+def test_array_leaves():
+    tree = validation.array_leaves({"f": 1.0, "n": np.float32(2.0), "a": jnp.ones(2), "none": None})
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree))
+    assert tree["none"] is None and tree["f"].dtype == jnp.float32

@@ -92,7 +92,7 @@ class FusedAdamTest(chex.TestCase):
             ref = ref_step(grads, *ref[::-1])
         chex.assert_trees_all_close((params, state), ref, rtol=RTOL, atol=ATOL)
         chex.assert_trees_all_equal_structs(state, optax_snr.adam(**kwargs).init(params))
-        self.assertEqual(int(state[1].count), NUM_STEPS)
+        self.assertEqual(int(state[0].count), NUM_STEPS)
         # The step did something: params moved by about learning_rate per step.
         moved = helpers.tree_max_abs_diff(params, float32_tree())
         self.assertGreater(moved, 1e-3)

@@ -49,7 +49,7 @@ def test_bit_identical_to_optax_under_jit(name):
     helpers.assert_trees_bitwise_equal(
         optax.tree.get(got_state, "nu"), optax.tree.get(expected_state, "nu")
     )
-    assert int(got_state[1].count) == int(expected_state[0].count) == NUM_STEPS
+    assert int(got_state[0].count) == int(expected_state[0].count) == NUM_STEPS
 
 
 @pytest.mark.parametrize("name", ["defaults", "b1_b2_eps", "nesterov"])
@@ -284,7 +284,7 @@ class InjectHyperparamsTest(chex.TestCase):
         with helpers.standard_promotion():
             expected, _ = run(optax.adam)
         helpers.assert_trees_bitwise_equal(got, expected)
-        self.assertEqual(int(state.inner_state[1].count), 2 * len(settings))
+        self.assertEqual(int(state.inner_state[0].count), 2 * len(settings))
 
     def test_values_take_effect(self):
         params = {"w": jnp.array([1.0, -2.0, 3.0])}

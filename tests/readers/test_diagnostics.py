@@ -218,10 +218,17 @@ class SnrDiagnosticsTest(chex.TestCase):
         assert int(diag.count) == 3
         assert_summary_close(diag.overall, hand_diagnostics(grads, 0.9, 0.999, 1e-8)[0])
 
-    def test_adopt_is_refused(self):
-        state = feed(optax_snr.adopt(1e-2), random_grads(2))
+    def test_adopt_stage_is_refused(self):
+        # scale_by_adopt's own state says it is ADOPT. optax_snr.adopt's state
+        # is Optax's ScaleByAdamState, as optax.contrib.adopt's is, so from the
+        # state alone it cannot be told apart from Adam's.
+        tx = optax.chain(optax_snr.scale_by_adopt(), optax.scale_by_learning_rate(1e-2))
+        state = feed(tx, random_grads(2))
         with pytest.raises(ValueError, match="ADOPT"):
             optax_snr.snr_diagnostics(state)
+        ours, theirs = optax_snr.adopt(1e-2), optax.contrib.adopt(1e-2)
+        params = params_like(random_grads(1)[0])
+        assert jax.tree.structure(ours.init(params)) == jax.tree.structure(theirs.init(params))
 
     def test_no_moments_is_a_clear_error(self):
         state = optax.sgd(0.1, momentum=0.9).init(params_like(random_grads(1)[0]))
