@@ -229,6 +229,18 @@ def snr_diagnostics(
       <https://arxiv.org/abs/1412.6980>`_, 2014 (Section 2.1 reads the ratio as
       a signal-to-noise ratio and notes that it shrinks near an optimum).
     """
+    lookup.check_hyperparameters(b1=b1, b2=b2, eps=eps)
+    return _snr_diagnostics(state, b1, b2, eps)
+
+
+@jax.jit
+def _snr_diagnostics(state: Any, b1: Any, b2: Any, eps: Any) -> SnrDiagnostics:
+    """The computation, compiled as one program even when called eagerly.
+
+    Eagerly, each of its few hundred small operations would be a program of
+    its own, which costs more than compiling once, and on a sharded state each
+    would run collectives of its own.
+    """
     found = lookup.read_moments(state, b1=b1, b2=b2, eps=eps, caller="snr_diagnostics")
     count = found.count
 

@@ -29,7 +29,7 @@ import jax
 
 from optax_snr.common import validation
 
-__all__ = ["StateMoments", "read_moments", "unique_leaf_names"]
+__all__ = ["StateMoments", "check_hyperparameters", "read_moments", "unique_leaf_names"]
 
 # Adam's defaults, used when neither the caller nor an inject_hyperparams state
 # gives a value.
@@ -260,6 +260,14 @@ def _hyperparameter(nodes: list, holder_path: tuple[Any, ...], name: str, given:
     return DEFAULTS[name]
 
 
+def check_hyperparameters(**values: Any) -> None:
+    """Checks the concrete ``b1``, ``b2`` (in [0, 1)) and ``eps`` (>= 0) given; None passes."""
+    for name, value in values.items():
+        if value is not None:
+            high = float("inf") if name == "eps" else 1.0
+            validation.check_hyperparameter(name, value, low=0.0, high=high)
+
+
 def read_moments(
     state: Any,
     *,
@@ -298,9 +306,7 @@ def read_moments(
       >>> found.names, found.kind, float(found.b1), int(found.count)
       (("['a']['b']", "['a/b']"), 'ScaleByAdamState', 0.5, 0)
     """
-    for name, value, high in (("b1", b1, 1.0), ("b2", b2, 1.0), ("eps", eps, float("inf"))):
-        if value is not None:
-            validation.check_hyperparameter(name, value, low=0.0, high=high)
+    check_hyperparameters(b1=b1, b2=b2, eps=eps)
     holder_path, holder, nodes = _find_holder(state, caller)
     kind = _kind(holder)
     if kind == "ScaleByAdoptState":

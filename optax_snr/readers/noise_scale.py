@@ -224,16 +224,23 @@ def noise_scale(
       <https://arxiv.org/abs/1705.07774>`_, 2018 (``v - m^2`` as a variance).
     """
     _check_batch_size(batch_size)
+    lookup.check_hyperparameters(b1=b1, b2=b2)
+    if b1 is not None and not isinstance(b1, jax.core.Tracer) and float(b1) == 0.0:
+        raise ValueError(
+            "noise_scale: b1 must be in (0, 1); with b1 = 0 the signal is the last "
+            "gradient itself and holds no average to compare the noise with."
+        )
+    return _noise_scale(state, batch_size, b1, b2)
+
+
+@jax.jit
+def _noise_scale(state: Any, batch_size: Any, b1: Any, b2: Any) -> NoiseScale:
+    """The computation, compiled as one program even when called eagerly."""
     found = lookup.read_moments(state, b1=b1, b2=b2, caller="noise_scale")
     if found.kind in _CENTERED:
         raise ValueError(
             "noise_scale: AdaBelief's `nu` is the EMA of (g - m)^2, a centered "
             "noise, not the EMA of g^2 that the estimator reads."
-        )
-    if not isinstance(found.b1, jax.core.Tracer) and float(found.b1) == 0.0:
-        raise ValueError(
-            "noise_scale: b1 must be in (0, 1); with b1 = 0 the signal is the last "
-            "gradient itself and holds no average to compare the noise with."
         )
     dtypes = [x.dtype for x in found.mu + found.nu]
     dtype = compute_dtype(promote(jnp.float32, *dtypes)) if dtypes else jnp.dtype(jnp.float32)
