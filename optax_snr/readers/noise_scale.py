@@ -154,6 +154,18 @@ def noise_scale(
     preconditioning does not enter: the estimate is of the raw gradients'
     noise scale, as McCandlish's :math:`B_\text{simple}` is.
 
+    **When the gradient itself moves.** :math:`\hat m` averages the gradients
+    of the last :math:`\approx (1+\beta_1)/(1-\beta_1)` steps (19 at 0.9),
+    so the estimator takes for :math:`G` the part of the gradient that persists
+    over that window. Where the optimizer's own steps make the true gradient
+    change direction within it (a learning rate high for the curvature, where
+    iterates bounce across a valley), that change is counted as noise:
+    :math:`|G|^2` comes out too small and :math:`B_\text{simple}` too large,
+    up to ``inf``. On the digits MLP of ``python -m optax_snr.demo``
+    (``benchmarks/noise_scale.py``) the state's figure agrees with per-example
+    gradients at learning rate 1e-4 but reads ``inf`` after a few hundred steps
+    at 1e-3. Compare it with a two-batch estimate before relying on it.
+
     **Lag.** Where training moves :math:`G` faster than that, :math:`\hat v`
     still remembers the larger gradients of up to a few thousand steps ago
     while :math:`\hat m` follows within about 10 steps, so early in training,
@@ -163,9 +175,10 @@ def noise_scale(
 
     **Special values.** Where the :math:`|G|^2` estimate is not positive, the
     noise dominates the signal so completely that the true gradient cannot be
-    told from zero with this state: ``b_simple`` is ``inf`` (any batch size
-    would still help) and ``grad_sq_norm`` is 0; a negative estimate is never
-    returned. Likewise a negative noise estimate (possible when ``b2`` is much
+    told from zero with this state: ``b_simple`` is ``inf`` (read: noise
+    dominates; by this state, larger batches would still help, but see the
+    caveat above on a moving gradient) and ``grad_sq_norm`` is 0; a negative
+    estimate is never returned. Likewise a negative noise estimate (possible when ``b2`` is much
     shorter than ``b1``) gives ``trace_sigma = 0`` and ``b_simple = 0``. Before
     the second step (``count < 2``, or ``b1 = 0``, where :math:`\hat m^2` and
     :math:`\hat v` carry the same sample) every figure is NaN: nothing can

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import sys
 from typing import Any
 
 import jax
