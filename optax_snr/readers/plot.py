@@ -200,7 +200,8 @@ def plot_diagnostics(
             ax_scale.plot(steps, positive(values), "-", color=color, label=label)
             infinite = [s for s, v in zip(steps, values, strict=True) if v == math.inf]
             if infinite:
-                ax_scale.plot(infinite, [top] * len(infinite), "^", color=color, ms=5)
+                mark = r"inf ($|G|^2$ estimate $\leq 0$)" if label == "all" else None
+                ax_scale.plot(infinite, [top] * len(infinite), "^", color=color, ms=5, label=mark)
         if batch_size is not None:
             ax_scale.axhline(batch_size, color="C3", ls="--", label=f"batch size {batch_size}")
         ax_scale.set_yscale("log")
