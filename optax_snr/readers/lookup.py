@@ -275,6 +275,7 @@ def read_moments(
     b2: Any = None,
     eps: Any = None,
     caller: str = "read_moments",
+    refuse: Mapping[str, str] | None = None,
 ) -> StateMoments:
     """Finds the moments, the step count and the hyperparameters in a state.
 
@@ -285,6 +286,8 @@ def read_moments(
       b2: the noise EMA's decay, likewise (else 0.999).
       eps: the constant added to the noise, likewise (else 1e-8).
       caller: the public function's name, used in error messages.
+      refuse: holder type names the caller cannot read, each with the reason
+        given in the ``ValueError``.
 
     Returns:
       A :class:`StateMoments` with decoded ``mu`` and ``nu`` leaves under
@@ -314,6 +317,8 @@ def read_moments(
             f"{caller}: ADOPT's `mu` averages gradients already divided by the "
             "noise, so it is not a signal to compare with the noise."
         )
+    if refuse and kind in refuse:
+        raise ValueError(f"{caller}: {refuse[kind]}")
     fields = _fields(holder)
     mu = _leaves(_get(holder, _signal_field(fields)))
     nu = _leaves(_get(holder, "nu"))

@@ -22,7 +22,11 @@ from optax_snr.readers import lookup
 __all__ = ["NoiseScale", "NoiseScaleLeaf", "noise_scale"]
 
 # Holders whose ``nu`` is not the EMA of |g|^2: AdaBelief's is centered.
-_CENTERED = frozenset({"ScaleByBeliefState", "CenteredMomentsState"})
+_CENTERED = dict.fromkeys(
+    ("ScaleByBeliefState", "CenteredMomentsState"),
+    "AdaBelief's `nu` is the EMA of (g - m)^2, a centered noise, not the EMA of "
+    "g^2 that the estimator reads.",
+)
 
 
 class NoiseScaleLeaf(NamedTuple):
@@ -249,12 +253,7 @@ def noise_scale(
 @jax.jit
 def _noise_scale(state: Any, batch_size: Any, b1: Any, b2: Any) -> NoiseScale:
     """The computation, compiled as one program even when called eagerly."""
-    found = lookup.read_moments(state, b1=b1, b2=b2, caller="noise_scale")
-    if found.kind in _CENTERED:
-        raise ValueError(
-            "noise_scale: AdaBelief's `nu` is the EMA of (g - m)^2, a centered "
-            "noise, not the EMA of g^2 that the estimator reads."
-        )
+    found = lookup.read_moments(state, b1=b1, b2=b2, caller="noise_scale", refuse=_CENTERED)
     dtypes = [x.dtype for x in found.mu + found.nu]
     dtype = compute_dtype(promote(jnp.float32, *dtypes)) if dtypes else jnp.dtype(jnp.float32)
     count = found.count

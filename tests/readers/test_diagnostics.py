@@ -219,7 +219,9 @@ class SnrDiagnosticsTest(chex.TestCase):
         assert_summary_close(diag.overall, hand_diagnostics(grads, 0.9, 0.999, 1e-8)[0])
 
     def test_adopt_is_refused(self):
-        state = feed(optax_snr.adopt(1e-2), random_grads(2))
+        # ADOPT's own stage state. (optax.contrib.adopt keeps a ScaleByAdamState,
+        # which cannot be told apart from Adam's.)
+        state = feed(optax_snr.scale_by_adopt(), random_grads(2))
         with pytest.raises(ValueError, match="ADOPT"):
             optax_snr.snr_diagnostics(state)
 

@@ -69,6 +69,10 @@ class OptaxStatesTest(parameterized.TestCase):
             optax_snr.snr_diagnostics(ours, eps=eps),
             rtol=1e-6,
         )
+        if name != "adabelief":  # Refused: its noise is centered.
+            chex.assert_trees_all_close(
+                optax_snr.noise_scale(theirs, 8), optax_snr.noise_scale(ours, 8), rtol=1e-5
+            )
 
     def test_ademamix_signal_is_the_fast_ema(self):
         state = feed(optax.contrib.ademamix(1e-2), PARAMS, promote=True)
