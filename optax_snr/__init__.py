@@ -32,6 +32,10 @@ from optax_snr.readers.diagnostics import SnrSummary as SnrSummary
 from optax_snr.readers.diagnostics import Summary as Summary
 from optax_snr.readers.diagnostics import flatten_diagnostics as flatten_diagnostics
 from optax_snr.readers.diagnostics import snr_diagnostics as snr_diagnostics
+from optax_snr.readers.noise_scale import NoiseScale as NoiseScale
+from optax_snr.readers.noise_scale import NoiseScaleLeaf as NoiseScaleLeaf
+from optax_snr.readers.noise_scale import noise_scale as noise_scale
+from optax_snr.readers.plot import plot_diagnostics as plot_diagnostics
 from optax_snr.stages.bias_correction import BiasCorrectionState as BiasCorrectionState
 from optax_snr.stages.bias_correction import bias_correction as bias_correction
 from optax_snr.stages.centered_moments import CenteredMomentsState as CenteredMomentsState
@@ -56,6 +60,8 @@ __all__ = [
     "MaxNoiseState",
     "MixedSignalState",
     "Moments",
+    "NoiseScale",
+    "NoiseScaleLeaf",
     "ScaleByAdoptState",
     "SkipNonfiniteState",
     "SnrDiagnostics",
@@ -78,6 +84,8 @@ __all__ = [
     "mixed_signal",
     "nadam",
     "nadamw",
+    "noise_scale",
+    "plot_diagnostics",
     "scale_by_adam",
     "scale_by_adopt",
     "scale_by_snr",

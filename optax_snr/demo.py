@@ -10,8 +10,13 @@ writes into ``--out``:
 
 * ``metrics.csv``: one row per optimizer and epoch (losses, test accuracy and,
   for the Adams, the signal, noise and SNR summaries of
-  :func:`optax_snr.snr_diagnostics`);
-* ``training.png``: the loss curves, and Adam's signal, noise and SNR per epoch.
+  :func:`optax_snr.snr_diagnostics` and the gradient noise scale of
+  :func:`optax_snr.noise_scale`, as :func:`optax_snr.flatten_diagnostics`
+  names them);
+* ``training.png``: the loss curves, and Adam's signal, noise, SNR and noise
+  scale per epoch, drawn by :func:`optax_snr.plot_diagnostics`.
+
+It also prints the final noise-scale estimate next to the batch size used.
 
 Flax, scikit-learn, matplotlib and tqdm are the ``demo`` extras
 (``pip install optax_snr[demo]``); they are imported here only, so the core
@@ -44,6 +49,7 @@ __all__ = [
     "load_digits",
     "main",
     "make_mlp",
+    "noise_scale_advice",
     "parse_args",
     "plot",
     "run",
@@ -57,16 +63,16 @@ __all__ = [
 # two rules need learning rates of different scales.
 OPTIMIZERS = ("sgd", "optax_snr.adam", "optax.adam")
 
-# Columns of metrics.csv after "optimizer" and "epoch".
+# Columns of metrics.csv after "optimizer" and "epoch": the losses, then the
+# compact row of flatten_diagnostics (the optimizer's step count, the overall
+# signal, noise and SNR summaries, and the noise scale).
+_STATISTICS = ("mean", "min", "q10", "median", "q90", "max")
 _SNR_COLUMNS = (
-    "signal_mean",
-    "signal_median",
-    "noise_mean",
-    "noise_median",
-    "snr_mean",
-    "snr_q10",
-    "snr_median",
-    "snr_q90",
+    "count",
+    *(f"{q}/{s}" for q in ("signal", "noise", "snr") for s in _STATISTICS),
+    "noise_scale/b_simple",
+    "noise_scale/trace_sigma",
+    "noise_scale/grad_sq_norm",
 )
 _COLUMNS = ("train_loss", "test_loss", "test_accuracy", *_SNR_COLUMNS)
 
@@ -82,6 +88,8 @@ class RunResult:
     train_loss: float = math.nan  # On the whole training set, after the last epoch.
     test_loss: float = math.nan
     wall_s: float = math.nan  # Compilation included.
+    batch_size: int = 0
+    noise_scale: float = math.nan  # B_simple from the final state (NaN without moments).
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,8 +237,10 @@ def train(
     """Trains a fresh MLP with ``tx``; returns its per-epoch history and final numbers.
 
     The model is Flax NNX, split once into its graph and parameters so that the
-    train step is a pure function under ``jax.jit``. The signal, noise and SNR
-    of the state are logged once per epoch for optimizers that have moments.
+    train step is a pure function under ``jax.jit``. For optimizers that have
+    moments, the signal, noise and SNR of the state and the gradient noise
+    scale are logged once per epoch, as :func:`optax_snr.flatten_diagnostics`
+    names them (``"snr/median"``, ``"noise_scale/b_simple"``, ...).
     """
     from flax import nnx
     from tqdm import tqdm
@@ -257,13 +267,17 @@ def train(
         return loss, accuracy
 
     opt_state = tx.init(params)
+
+    def diagnose(state):
+        diagnostics = optax_snr.snr_diagnostics(state)
+        return optax_snr.flatten_diagnostics(diagnostics, optax_snr.noise_scale(state, batch_size))
+
     try:
-        diagnose = jax.jit(optax_snr.snr_diagnostics)
         diagnose(opt_state)
     except ValueError:  # No moments (plain SGD).
         diagnose = None
 
-    result = RunResult(name=name, learning_rate=learning_rate)
+    result = RunResult(name=name, learning_rate=learning_rate, batch_size=batch_size)
     rng = np.random.default_rng(seed)  # The same batches for every optimizer.
     num_batches = x_train.shape[0] // batch_size  # The last partial batch is dropped.
     bar = tqdm(range(epochs), desc=f"{name:>15}", unit="epoch", disable=not progress)
@@ -281,17 +295,7 @@ def train(
             "test_accuracy": float(test_accuracy),
         }
         if diagnose is not None:
-            overall = diagnose(opt_state).overall
-            row |= {
-                "signal_mean": float(overall.signal.mean),
-                "signal_median": float(overall.signal.median),
-                "noise_mean": float(overall.noise.mean),
-                "noise_median": float(overall.noise.median),
-                "snr_mean": float(overall.snr.mean),
-                "snr_q10": float(overall.snr.q10),
-                "snr_median": float(overall.snr.median),
-                "snr_q90": float(overall.snr.q90),
-            }
+            row |= diagnose(opt_state)
         result.history.append({"epoch": epoch + 1, **row})
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['test_accuracy']:.3f}")
     bar.close()
@@ -299,6 +303,8 @@ def train(
     train_loss, _ = evaluate(params, x_train, y_train)
     result.train_loss = float(train_loss)
     result.test_loss, result.test_accuracy = (float(v) for v in evaluate(params, x_test, y_test))
+    if diagnose is not None:
+        result.noise_scale = result.history[-1]["noise_scale/b_simple"]
     result.wall_s = time.perf_counter() - start
     return result
 
@@ -350,16 +356,35 @@ def write_csv(results: Sequence[RunResult], path: str) -> None:
                 writer.writerow([r.name, row["epoch"], *values])
 
 
+def noise_scale_advice(result: RunResult) -> str:
+    """One line: the final noise-scale estimate next to the batch size used."""
+    b, n = result.batch_size, result.noise_scale
+    head = f"{result.name}: gradient noise scale B_simple ~ {n:,.0f} at the end (batch size {b})"
+    if math.isnan(n):
+        return f"{head}: not enough steps to estimate it."
+    if n == math.inf:
+        return (
+            f"{head}: the state cannot tell the gradient from the noise (its |G|^2 "
+            "estimate is not positive; see optax_snr.noise_scale on when that happens)."
+        )
+    if n > 2 * b:
+        return (
+            f"{head}: the gradient noise scale suggests batches up to ~{n:,.0f} "
+            "would still help (fewer steps for the same examples)."
+        )
+    return f"{head}: batches much larger than ~{max(n, 1):,.0f} would mostly repeat each other."
+
+
 def plot(results: Sequence[RunResult], path: str, adam: str = "optax_snr.adam") -> None:
-    """Four panels: training loss, test accuracy, Adam's signal and noise, Adam's SNR."""
+    """Training loss and test accuracy of all runs; Adam's signal, noise, SNR, noise scale."""
     # Matplotlib's Agg backend, on a Figure of our own: no display is needed and
     # pyplot's global state (a notebook's backend, say) is left untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 8), layout="constrained")
+    fig = Figure(figsize=(11, 11), layout="constrained")
     FigureCanvasAgg(fig)
-    (ax_loss, ax_acc), (ax_sn, ax_snr) = fig.subplots(2, 2)
+    (ax_loss, ax_acc), *diagnostic_axes = fig.subplots(3, 2)
     for r in results:
         epochs = [h["epoch"] for h in r.history]
         style = "--" if r.name == "optax.adam" else "-"  # Identical to optax_snr.adam.
@@ -371,25 +396,10 @@ def plot(results: Sequence[RunResult], path: str, adam: str = "optax_snr.adam") 
     ax_acc.legend()
 
     (r,) = [r for r in results if r.name == adam]
-    epochs = [h["epoch"] for h in r.history]
-    col = lambda c: [h[c] for h in r.history]
-    ax_sn.plot(epochs, col("signal_mean"), "C0-", label=r"signal $|\hat m|$, mean")
-    ax_sn.plot(epochs, col("signal_median"), "C0:", label="signal, median")
-    ax_sn.plot(epochs, col("noise_mean"), "C3-", label=r"noise $\sqrt{\hat v}$, mean")
-    ax_sn.plot(epochs, col("noise_median"), "C3:", label="noise, median")
-    ax_sn.set(title=f"{adam}: signal and noise", xlabel="epoch", yscale="log")
-    ax_sn.legend(fontsize="small")
-    ax_snr.fill_between(
-        epochs, col("snr_q10"), col("snr_q90"), color="C2", alpha=0.2, label="10%-90%"
-    )
-    ax_snr.plot(epochs, col("snr_mean"), "C2-", label="mean")
-    ax_snr.plot(epochs, col("snr_median"), "C2:", label="median")
-    ax_snr.set(
-        title=rf"{adam}: SNR $|\hat m| / (\sqrt{{\hat v}} + \epsilon)$",
-        xlabel="epoch",
-        ylabel="step / learning rate",
-    )
-    ax_snr.legend(fontsize="small")
+    axes = [ax for row in diagnostic_axes for ax in row]
+    optax_snr.plot_diagnostics(r.history, step_key="epoch", batch_size=r.batch_size, axes=axes)
+    for ax in axes:
+        ax.set_title(f"{adam}: {ax.get_title()}")
     fig.suptitle("Handwritten digits (scikit-learn), Flax NNX MLP, the same batches for each")
     fig.savefig(path, dpi=110)
 
@@ -411,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     results = run(args)
     print(format_table(results))
+    print()
+    for r in results:
+        if r.history and "noise_scale/b_simple" in r.history[-1]:  # The Adams.
+            print(noise_scale_advice(r))
     csv_path = os.path.join(args.out, "metrics.csv")
     png_path = os.path.join(args.out, "training.png")
     write_csv(results, csv_path)

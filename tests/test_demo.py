@@ -51,6 +51,9 @@ def test_short_run_writes_outputs_and_is_reproducible(tmp_path):
         for name in demo.OPTIMIZERS:
             assert name in stdout
         assert "test accuracy" in stdout and "wall time" in stdout
+        # The final noise-scale estimate, next to the batch size used.
+        assert "optax_snr.adam: gradient noise scale B_simple ~" in stdout
+        assert "(batch size 64)" in stdout
 
     # The same seed gives the same numbers, byte for byte.
     csv_a = (tmp_path / "a" / "metrics.csv").read_bytes()
@@ -64,10 +67,15 @@ def test_short_run_writes_outputs_and_is_reproducible(tmp_path):
     ]
     by_name = {name: [r for r in rows if r["optimizer"] == name] for name in demo.OPTIMIZERS}
     # SGD has no moments: its SNR columns are empty; the Adams' are filled in.
-    assert all(r["snr_median"] == "" for r in by_name["sgd"])
+    assert all(r["snr/median"] == "" for r in by_name["sgd"])
+    assert all(r["noise_scale/b_simple"] == "" for r in by_name["sgd"])
     for r in by_name["optax_snr.adam"]:
-        assert np.isfinite(float(r["snr_median"]))
-        assert float(r["signal_mean"]) > 0 and float(r["noise_mean"]) > 0
+        assert np.isfinite(float(r["snr/median"]))
+        assert float(r["signal/mean"]) > 0 and float(r["noise/mean"]) > 0
+        # B_simple is positive (possibly inf: noise dominates), never negative.
+        assert float(r["noise_scale/b_simple"]) > 0
+        assert float(r["noise_scale/trace_sigma"]) > 0
+        assert float(r["count"]) == int(r["epoch"]) * (demo._NUM_TRAIN // 64)
     # optax_snr.adam is a bit-exact drop-in: the two Adam runs are identical.
     strip = lambda rs: [{k: v for k, v in r.items() if k != "optimizer"} for r in rs]
     assert strip(by_name["optax_snr.adam"]) == strip(by_name["optax.adam"])
@@ -114,6 +122,17 @@ def test_more_bad_flags_exit_2(tmp_path, capsys, flags):
         demo.parse_args([*flags, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_noise_scale_advice():
+    result = demo.RunResult(name="x", learning_rate=1e-3, batch_size=32, noise_scale=400.0)
+    assert "batches up to ~400 would still help" in demo.noise_scale_advice(result)
+    result.noise_scale = 20.0
+    assert "mostly repeat" in demo.noise_scale_advice(result)
+    result.noise_scale = float("inf")
+    assert "cannot tell the gradient from the noise" in demo.noise_scale_advice(result)
+    result.noise_scale = float("nan")
+    assert "not enough steps" in demo.noise_scale_advice(result)
 
 
 def test_core_and_demo_module_import_without_the_extras():

@@ -12,12 +12,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from optax_snr.common import validation
 from optax_snr.common.dtypes import compute_dtype, promote
 from optax_snr.common.moments import correction, debias
+from optax_snr.readers import lookup
 
 __all__ = [
     "SnrDiagnostics",
@@ -34,18 +32,6 @@ _LEVELS = (0.1, 0.5, 0.9)
 # sample of this many beyond: a sort of millions of entries would cost hundreds
 # of times an optimizer step on CPU, and a logged median needs no more.
 _SAMPLE = 1 << 15
-
-# Adam's defaults, used when neither the caller nor an inject_hyperparams state
-# gives a value.
-_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
-
-# States of wrappers and schedules that count steps of their own.
-_WRAPPER_COUNTS = (
-    "InjectHyperparamsState",
-    "InjectStatefulHyperparamsState",
-    "ScaleByScheduleState",
-    "WrappedScheduleState",
-)
 
 
 class Summary(NamedTuple):
@@ -75,92 +61,18 @@ class SnrDiagnostics(NamedTuple):
     per_leaf: dict[str, SnrSummary]  # Keyed by the leaf's path, e.g. "dense/kernel".
 
 
-def _is_field(path: tuple[Any, ...], value: Any) -> bool:
-    """Keeps matches that are NamedTuple fields, not dict keys inside params."""
-    del value
-    return bool(path) and isinstance(path[-1], optax.tree_utils.NamedTupleKey)
+def _is_sharded(x: jax.Array) -> bool:
+    """Whether ``x`` has a sharded type (a mesh with Explicit axes shards it)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(axis is not None for axis in spec)
 
 
-def _find_one(state: Any, name: str) -> list[tuple[tuple[Any, ...], Any]]:
-    return optax.tree.get_all_with_path(state, name, filtering=_is_field)
-
-
-def _parent(path: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The path of the NamedTuple holding a field, and that tuple's type name."""
-    return (*path[:-1], path[-1].tuple_name)
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str:
-    """A readable "a/b/0" name; a trailing ``.value`` (Flax NNX Variables) is dropped."""
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
-
-
-def _find_moments(state: Any) -> tuple[Any, Any, bool, jax.Array]:
-    """Finds ``(mu, nu, is_max, count)``: the moments and the step count that goes with them.
-
-    ``is_max`` tells that ``nu`` is AMSGrad's running maximum of the corrected
-    noise (a ``nu_max`` field), which is divided by as it is.
-    """
-    mus = {_parent(p): v for p, v in _find_one(state, "mu")}
-    mus.update({_parent(p): v for p, v in _find_one(state, "m1")})  # AdEMAMix's fast EMA
-    nus = {_parent(p): v for p, v in _find_one(state, "nu")}
-    holders = [p for p in mus if p in nus]
-    if not holders:
-        raise ValueError(
-            "snr_diagnostics: the optimizer state holds no moments (a NamedTuple "
-            "with fields `mu` and `nu`, such as optax_snr.EmaMomentsState or "
-            f"optax.ScaleByAdamState); got a state of type {type(state).__name__}. "
-            "Diagnostics need Adam or one of its variants (optax_snr.adam, "
-            "optax.adam, ...), possibly inside optax.chain, inject_hyperparams, "
-            "MultiSteps or masked."
-        )
-    if len(holders) > 1:
-        where = ", ".join(jax.tree_util.keystr(p[:-1]) or "<root>" for p in holders)
-        raise ValueError(
-            "snr_diagnostics: the optimizer state holds more than one set of "
-            f"moments (at {where}); pass the sub-state of the optimizer you want "
-            "to inspect."
-        )
-    (holder,) = holders
-    if holder[-1] == "ScaleByAdoptState":
-        raise ValueError(
-            "snr_diagnostics: ADOPT's `mu` averages gradients already divided by "
-            "the noise, so it is not a signal to compare with the noise."
-        )
-    counts = {_parent(p): v for p, v in _find_one(state, "count")}
-    if holder in counts:  # The moments and the count share a state (optax.adam).
-        count = counts[holder]
-    else:  # Chained stages: one stage owns the count, normally bias_correction.
-        owners = {p: v for p, v in counts.items() if p[-1] not in _WRAPPER_COUNTS}
-        own = [v for p, v in owners.items() if p[-1] == "BiasCorrectionState"]
-        if len(own) != 1:
-            own = list(owners.values())
-        if len(own) != 1:
-            raise ValueError(
-                "snr_diagnostics: found the moments but not the one step count "
-                "that goes with them (in a BiasCorrectionState, or a `count` field "
-                f"beside `mu` and `nu`); found {len(owners)} candidate counts."
-            )
-        (count,) = own
-    # Flax NNX wraps each state leaf in a Variable: take the array inside.
-    (count,) = jax.tree.leaves(count)
-    maxima = _find_one(state, "nu_max")
-    if len(maxima) == 1:  # AMSGrad divides by the running max of v_hat instead.
-        return mus[holder], maxima[0][1], True, count
-    return mus[holder], nus[holder], False, count
-
-
-def _hyperparameter(state: Any, name: str, given: Any) -> Any:
-    """The caller's value, else the inject_hyperparams value, else Adam's default."""
-    if given is not None:
-        return given
-    for _, hyperparams in _find_one(state, "hyperparams"):
-        if isinstance(hyperparams, dict) and name in hyperparams:
-            (value,) = jax.tree.leaves(hyperparams[name])
-            return value
-    return _DEFAULTS[name]
+def _gather(x: jax.Array, position: jax.Array) -> jax.Array:
+    """``x.ravel()[position]``, replicated even where ``x`` is sharded."""
+    if not _is_sharded(x):
+        return jnp.take(jnp.ravel(x), position)
+    index = jnp.unravel_index(position, x.shape)
+    return x.at[index].get(out_sharding=jax.sharding.PartitionSpec())
 
 
 def _sample(xs: list[jax.Array], total: int) -> jax.Array:
@@ -176,21 +88,35 @@ def _sample(xs: list[jax.Array], total: int) -> jax.Array:
     sample = jnp.zeros((_SAMPLE,), xs[0].dtype)
     for i, x in enumerate(xs):
         position = jnp.minimum((u * x.size).astype(jnp.int32), x.size - 1)
-        sample = jnp.where(leaf == i, jnp.take(x, position), sample)
+        sample = jnp.where(leaf == i, _gather(x, position), sample)
     return sample
+
+
+def _all_entries(xs: list[jax.Array]) -> jax.Array:
+    """Every entry of ``xs`` in one replicated vector (the set is small).
+
+    Sorting needs the sorted dimension unsharded, so a leaf sharded over a mesh
+    with Explicit axes is resharded to replicated first: an all-gather of at
+    most ``_SAMPLE`` entries.
+    """
+    replicated = jax.sharding.PartitionSpec()
+    return jnp.concatenate(
+        [jnp.ravel(jax.sharding.reshard(x, replicated) if _is_sharded(x) else x) for x in xs]
+    )
 
 
 def _summary(xs: list[jax.Array], dtype: jnp.dtype) -> Summary:
     """Mean, min, max and quantiles over all entries of ``xs`` (NaN if there are none)."""
-    xs = [jnp.ravel(x) for x in xs if x.size]
+    xs = [x for x in xs if x.size]
     total = sum(x.size for x in xs)
     if total == 0:
         nan = jnp.full((), jnp.nan, dtype)
         return Summary(nan, nan, nan, nan, nan, nan)
+    # Reductions work on sharded arrays as they are; only the sample is gathered.
     mean = functools.reduce(jnp.add, [jnp.sum(x) for x in xs]) / jnp.asarray(total, dtype)
     low = functools.reduce(jnp.minimum, [jnp.min(x) for x in xs])
     high = functools.reduce(jnp.maximum, [jnp.max(x) for x in xs])
-    sample = jnp.concatenate(xs) if total <= _SAMPLE else _sample(xs, total)
+    sample = _all_entries(xs) if total <= _SAMPLE else _sample(xs, total)
     q10, median, q90 = jnp.quantile(sample, jnp.asarray(_LEVELS, dtype))
     return Summary(mean, low, q10, median, q90, high)
 
@@ -223,18 +149,27 @@ def snr_diagnostics(
         \hat v_t = \frac{v_t}{1 - \beta_2^t}
 
     The moments are found by name, as the fields ``mu`` and ``nu`` of a
-    NamedTuple (:class:`optax_snr.EmaMomentsState`, Optax's
-    ``ScaleByAdamState`` and the variants' states), anywhere in the state:
-    inside :func:`optax.chain`, :func:`optax.inject_hyperparams`,
+    NamedTuple (Optax's ``ScaleByAdamState`` and its variants' states,
+    :class:`optax_snr.EmaMomentsState`), anywhere in the state: inside
+    :func:`optax.chain`, :func:`optax.inject_hyperparams`,
     :class:`optax.MultiSteps`, :func:`optax.masked` (masked-out leaves are
-    left out), or a Flax NNX ``Optimizer``'s ``opt_state``. The step ``t`` is
-    the ``count`` beside them or in :class:`optax_snr.BiasCorrectionState`.
+    left out), a Linen ``TrainState`` or a Flax NNX ``Optimizer``'s
+    ``opt_state``; and in Flax NNX functional states (``nnx.state(optimizer)``,
+    ``nnx.split(optimizer)[1]``), where the NamedTuples have become mappings
+    with the same keys. The step ``t`` is the ``count`` beside them or, in a
+    chain of optax_snr stages, in :class:`optax_snr.BiasCorrectionState`.
     Where the optimizer divides by another noise, that one is reported:
     AMSGrad's running maximum of :math:`\hat v_t` (a ``nu_max`` field) and
     AdaBelief's centered noise (its ``nu``). For AdEMAMix the signal is the
-    fast EMA (``m1``) alone. A :func:`~optax_snr.scale_by_adopt` state, whose
-    ``mu`` is already a ratio, is refused; ``optax_snr.adopt``'s state is
-    Optax's ``ScaleByAdamState`` and cannot be told from Adam's.
+    fast EMA (``mu``, or ``m1`` in Optax's state) alone. A
+    :func:`~optax_snr.scale_by_adopt` state, whose ``mu`` is already a ratio, is
+    refused; ``optax_snr.adopt``'s state is Optax's ``ScaleByAdamState``, as
+    ``optax.contrib.adopt``'s is, and cannot be told from Adam's.
+
+    Each leaf is named by its path, ``"dense/kernel"``; where two paths would
+    give the same name (``{"a/b": x, "a": {"b": y}}``) both are named by
+    :func:`jax.tree_util.keystr` instead (``"['a/b']"``, ``"['a']['b']"``), so
+    every leaf keeps its own entry.
 
     The state does not hold ``b1``, ``b2`` or ``eps``: pass the values the
     optimizer was built with. Left as ``None``, each is read from an
@@ -250,6 +185,13 @@ def snr_diagnostics(
     random (with a fixed key, so the same state gives the same numbers); the
     mean, min and max are always exact. That is cheap enough to log every N
     steps, not necessarily every step.
+
+    Sharded states work as they are, eagerly and under ``jax.jit``, also on a
+    mesh with Explicit axes (``jax.make_mesh(..., axis_types=(Explicit,))``):
+    means, minima and maxima reduce the sharded arrays in place, and only the
+    entries that the quantiles sort (at most 32,768 per set) are gathered to
+    every device, as a replicated array, first (a sort needs its dimension
+    unsharded). No leaf is ever gathered whole unless it is that small.
 
     Args:
       state: an optimizer state holding Adam-like moments.
@@ -267,7 +209,8 @@ def snr_diagnostics(
       logging.
 
     Raises:
-      ValueError: if the state holds no moments, or more than one set of them.
+      ValueError: if the state holds no moments or more than one set of them,
+        or if ``b1``/``b2`` is outside [0, 1) or ``eps`` is negative.
 
     Example:
       >>> import jax.numpy as jnp
@@ -286,55 +229,78 @@ def snr_diagnostics(
       <https://arxiv.org/abs/1412.6980>`_, 2014 (Section 2.1 reads the ratio as
       a signal-to-noise ratio and notes that it shrinks near an optimum).
     """
-    for name, value, high in (("b1", b1, 1.0), ("b2", b2, 1.0), ("eps", eps, np.inf)):
-        if value is not None:
-            validation.check_hyperparameter(name, value, low=0.0, high=high)
-    mu, nu, is_max, count = _find_moments(state)
-    b1 = _hyperparameter(state, "b1", b1)
-    b2 = _hyperparameter(state, "b2", b2)
-    eps = _hyperparameter(state, "eps", eps)
+    lookup.check_hyperparameters(b1=b1, b2=b2, eps=eps)
+    return _snr_diagnostics(state, b1, b2, eps)
+
+
+@jax.jit
+def _snr_diagnostics(state: Any, b1: Any, b2: Any, eps: Any) -> SnrDiagnostics:
+    """The computation, compiled as one program even when called eagerly.
+
+    Eagerly, each of its few hundred small operations would be a program of
+    its own, which costs more than compiling once, and on a sharded state each
+    would run collectives of its own.
+    """
+    found = lookup.read_moments(state, b1=b1, b2=b2, eps=eps, caller="snr_diagnostics")
+    count = found.count
 
     # Before the first step the moments are zero; t = 1 reports them as zero.
     t = jnp.maximum(count, jnp.ones_like(count))
-    c1, c2 = correction(b1, t), correction(b2, t)
+    c1, c2 = correction(found.b1, t), correction(found.b2, t)
 
-    mu_leaves = jax.tree_util.tree_leaves_with_path(mu)
-    nu_leaves = jax.tree.leaves(nu)
-    if len(mu_leaves) != len(nu_leaves):
-        raise ValueError("snr_diagnostics: `mu` and `nu` have different tree structures.")
     signals, noises = [], []
-    for (_, m), v in zip(mu_leaves, nu_leaves, strict=True):
+    for i, m in enumerate(found.mu):
         signals.append(jnp.abs(debias(m, c1)))
-        v_hat = v.astype(compute_dtype(v.dtype)) if is_max else debias(v, c2)
+        if found.nu_max is not None:  # AMSGrad divides by the running max of v_hat.
+            v_hat = found.nu_max[i].astype(compute_dtype(found.nu_max[i].dtype))
+        else:
+            v_hat = debias(found.nu[i], c2)
         noises.append(jnp.sqrt(jnp.real(v_hat)))
     dtypes = [x.dtype for x in signals + noises]
     dtype = compute_dtype(promote(jnp.float32, *dtypes))
     signals = [x.astype(dtype) for x in signals]
     noises = [x.astype(dtype) for x in noises]
-    ratios = [s / (n + jnp.asarray(eps, dtype)) for s, n in zip(signals, noises, strict=True)]
+    eps = jnp.asarray(found.eps, dtype)
+    ratios = [s / (n + eps) for s, n in zip(signals, noises, strict=True)]
 
     per_leaf = {
-        _leaf_name(path): _snr_summary([s], [n], [r], dtype)
-        for (path, _), s, n, r in zip(mu_leaves, signals, noises, ratios, strict=True)
+        name: _snr_summary([s], [n], [r], dtype)
+        for name, s, n, r in zip(found.names, signals, noises, ratios, strict=True)
     }
     overall = _snr_summary(signals, noises, ratios, dtype)
     return SnrDiagnostics(count=count, overall=overall, per_leaf=per_leaf)
 
 
-def flatten_diagnostics(diagnostics: SnrDiagnostics, *, per_leaf: bool = True) -> dict[str, float]:
-    """Turns :class:`SnrDiagnostics` into a flat dict of Python floats, for logging.
+def flatten_diagnostics(
+    diagnostics: SnrDiagnostics | None,
+    noise_scale: Any = None,
+    *,
+    per_leaf: bool = False,
+) -> dict[str, float]:
+    """Turns :class:`SnrDiagnostics` (and a noise scale) into a flat dict of floats.
 
-    Keys are ``"<quantity>/<statistic>"`` for the overall summary (for example
-    ``"snr/median"``) and ``"<leaf>/<quantity>/<statistic>"`` per leaf (for
-    example ``"dense/kernel/signal/mean"``), plus ``"count"``. Call it outside
-    ``jax.jit``: it moves the values to the host.
+    The default row is compact, overall figures only: ``"count"`` and
+    ``"<quantity>/<statistic>"`` for the signal, noise and SNR (``"snr/median"``;
+    19 values), plus ``"noise_scale/b_simple"``, ``"noise_scale/trace_sigma"``
+    and ``"noise_scale/grad_sq_norm"`` when a :class:`~optax_snr.NoiseScale`
+    is given. With ``per_leaf=True`` it adds ``"<leaf>/<quantity>/<statistic>"``
+    for every leaf (``"dense/kernel/signal/mean"``) and
+    ``"<leaf>/noise_scale/b_simple"`` and the like: 18 or 21 more values per
+    leaf, thousands for a large model. Call it outside ``jax.jit``: it moves
+    the values to the host. :func:`~optax_snr.plot_diagnostics` draws a list
+    of such rows.
 
     Args:
-      diagnostics: what :func:`snr_diagnostics` returned.
-      per_leaf: whether to include the per-leaf summaries.
+      diagnostics: what :func:`snr_diagnostics` returned, or None to log only
+        the noise scale.
+      noise_scale: what :func:`~optax_snr.noise_scale` returned, or None.
+      per_leaf: whether to add the per-leaf figures.
 
     Returns:
       A dict from names to floats, ready for a CSV row or a metrics logger.
+
+    Raises:
+      ValueError: if both ``diagnostics`` and ``noise_scale`` are None.
 
     Example:
       >>> import jax.numpy as jnp
@@ -344,19 +310,35 @@ def flatten_diagnostics(diagnostics: SnrDiagnostics, *, per_leaf: bool = True) -
       >>> _, state = tx.update({"w": jnp.ones(3)}, state)
       >>> diag = optax_snr.snr_diagnostics(state, b1=0.5, b2=0.5)
       >>> row = optax_snr.flatten_diagnostics(diag)
-      >>> row["count"], row["snr/mean"], row["w/noise/max"]
-      (1.0, 1.0, 1.0)
+      >>> row["count"], row["snr/mean"], len(row)
+      (1.0, 1.0, 19)
+      >>> optax_snr.flatten_diagnostics(diag, per_leaf=True)["w/noise/max"]
+      1.0
     """
-    diagnostics = jax.device_get(diagnostics)
-    row = {"count": float(diagnostics.count)}
+    if diagnostics is None and noise_scale is None:
+        raise ValueError("flatten_diagnostics: pass diagnostics, a noise scale, or both.")
+    diagnostics, noise_scale = jax.device_get((diagnostics, noise_scale))
+    count = diagnostics.count if diagnostics is not None else noise_scale.count
+    row = {"count": float(count)}
 
     def add(prefix: str, summary: SnrSummary) -> None:
         for quantity, stats in summary._asdict().items():
             for statistic, value in stats._asdict().items():
                 row[f"{prefix}{quantity}/{statistic}"] = float(value)
 
-    add("", diagnostics.overall)
+    def add_noise_scale(prefix: str, figures: Any) -> None:
+        for name in ("b_simple", "trace_sigma", "grad_sq_norm"):
+            row[f"{prefix}noise_scale/{name}"] = float(getattr(figures, name))
+
+    if diagnostics is not None:
+        add("", diagnostics.overall)
+    if noise_scale is not None:
+        add_noise_scale("", noise_scale)
     if per_leaf:
-        for leaf, summary in diagnostics.per_leaf.items():
-            add(f"{leaf}/", summary)
+        leaves = diagnostics.per_leaf if diagnostics is not None else noise_scale.per_leaf
+        for leaf in leaves:
+            if diagnostics is not None:
+                add(f"{leaf}/", diagnostics.per_leaf[leaf])
+            if noise_scale is not None:
+                add_noise_scale(f"{leaf}/", noise_scale.per_leaf[leaf])
     return row

@@ -340,17 +340,39 @@ class SnrDiagnosticsTest(chex.TestCase):
 
 
 class FlattenDiagnosticsTest(absltest.TestCase):
-    def test_keys_and_values(self):
+    def test_compact_by_default(self):
         state = feed(optax_snr.adam(1e-2), random_grads(2))
         diag = optax_snr.snr_diagnostics(state)
         row = optax_snr.flatten_diagnostics(diag)
+        # 1 count + 3 quantities x 6 statistics, overall only.
+        assert len(row) == 1 + 18
         assert row["count"] == 2.0
         assert row["snr/median"] == float(diag.overall.snr.median)
-        assert row["dense/kernel/noise/q90"] == float(diag.per_leaf["dense/kernel"].noise.q90)
-        # 1 count + 3 quantities x 6 statistics, overall and for each of 3 leaves.
-        assert len(row) == 1 + 18 * 4
         assert all(isinstance(v, float) for v in row.values())
-        assert len(optax_snr.flatten_diagnostics(diag, per_leaf=False)) == 1 + 18
+
+    def test_per_leaf_on_request(self):
+        state = feed(optax_snr.adam(1e-2), random_grads(2))
+        diag = optax_snr.snr_diagnostics(state)
+        row = optax_snr.flatten_diagnostics(diag, per_leaf=True)
+        assert row["dense/kernel/noise/q90"] == float(diag.per_leaf["dense/kernel"].noise.q90)
+        assert len(row) == 1 + 18 * 4  # and for each of the 3 leaves
+
+    def test_with_noise_scale(self):
+        state = feed(optax_snr.adam(1e-2), random_grads(5))
+        diag = optax_snr.snr_diagnostics(state)
+        scale = optax_snr.noise_scale(state, batch_size=16)
+        row = optax_snr.flatten_diagnostics(diag, scale)
+        assert len(row) == 1 + 18 + 3
+        assert row["noise_scale/b_simple"] == float(scale.b_simple)
+        row = optax_snr.flatten_diagnostics(diag, scale, per_leaf=True)
+        assert len(row) == 1 + 21 * 4
+        assert row["out/noise_scale/trace_sigma"] == float(scale.per_leaf["out"].trace_sigma)
+        only = optax_snr.flatten_diagnostics(None, scale)
+        assert set(only) == {"count", *(f"noise_scale/{k}" for k in scale._fields[1:4])}
+
+    def test_nothing_to_flatten(self):
+        with pytest.raises(ValueError, match="diagnostics"):
+            optax_snr.flatten_diagnostics(None)
 
 
 def test_docstring_has_math_and_example():
