@@ -74,49 +74,63 @@ class Quantized(StorageFormat):
         empty = QuantizedMoment(None, None, self, tuple(leaf.shape), signed)
         return self.encode(zeros, empty)
 
-    def _levels(self, signed: bool) -> int:
-        return 2 ** (self.bits - 1) - 1 if signed else 2**self.bits
-
     def encode(self, x: jax.Array, stored: QuantizedMoment) -> QuantizedMoment:
-        shape, signed = stored.shape, stored.signed
-        *lead, length = shape
-        count, size = _blocks(length, self.block_size)
-        pad = count * size - length
-        x = x.astype(jnp.float32)
-        if not signed:
-            x = jnp.maximum(x, 0.0)
-        blocks = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
-        scales = jnp.max(jnp.abs(blocks), axis=-1)
-        safe = jnp.where(scales > 0, scales, 1.0)[..., None]
-        levels = jnp.asarray(self._levels(signed), jnp.float32)
-        if signed:  # k = round(H sqrt(|x| / a)) with x's sign; stored as k + H.
-            k = jnp.round(levels * jnp.sqrt(jnp.abs(blocks) / safe))
-            codes = jnp.sign(blocks) * k + levels
-        else:  # k = round(N (v / a)^(1/4)) - 1, at least 0.
-            k = jnp.round(levels * jnp.sqrt(jnp.sqrt(blocks / safe))) - 1.0
-            codes = jnp.clip(k, 0.0, levels - 1.0)
-        codes = codes.astype(jnp.uint8).reshape(*lead, count * size)[..., :length]
-        if self.bits == 4:
-            codes = _pack(codes)
-        return QuantizedMoment(codes, scales, self, shape, signed)
+        codes, scales = _encode(x, self.bits, self.block_size, stored.shape, stored.signed)
+        return QuantizedMoment(codes, scales, self, stored.shape, stored.signed)
 
     def decode(self, stored: QuantizedMoment) -> jax.Array:
-        *lead, length = stored.shape
-        count, size = _blocks(length, self.block_size)
-        codes = stored.codes
-        if self.bits == 4:
-            codes = _unpack(codes, length)
-        codes = codes.astype(jnp.float32)
-        levels = jnp.asarray(self._levels(stored.signed), jnp.float32)
-        if stored.signed:
-            k = codes - levels
-            unit = jnp.sign(k) * jnp.square(k / levels)
-        else:
-            unit = jnp.square(jnp.square((codes + 1.0) / levels))
-        pad = count * size - length
-        unit = jnp.pad(unit, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
-        x = unit * stored.scales[..., None]
-        return x.reshape(*lead, count * size)[..., :length]
+        return _decode(
+            stored.codes, stored.scales, self.bits, self.block_size, stored.shape, stored.signed
+        )
+
+
+def _levels(bits: int, signed: bool) -> int:
+    return 2 ** (bits - 1) - 1 if signed else 2**bits
+
+
+# Jitted (inlined into an enclosing jit) so that the block reshapes of a sharded
+# leaf are left to XLA's sharding propagation, also when called eagerly.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _encode(x, bits, block_size, shape, signed):
+    *lead, length = shape
+    count, size = _blocks(length, block_size)
+    pad = count * size - length
+    x = x.astype(jnp.float32)
+    if not signed:
+        x = jnp.maximum(x, 0.0)
+    blocks = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
+    scales = jnp.max(jnp.abs(blocks), axis=-1)
+    safe = jnp.where(scales > 0, scales, 1.0)[..., None]
+    levels = jnp.asarray(_levels(bits, signed), jnp.float32)
+    if signed:  # k = round(H sqrt(|x| / a)) with x's sign; stored as k + H.
+        k = jnp.round(levels * jnp.sqrt(jnp.abs(blocks) / safe))
+        codes = jnp.sign(blocks) * k + levels
+    else:  # k = round(N (v / a)^(1/4)) - 1, at least 0.
+        k = jnp.round(levels * jnp.sqrt(jnp.sqrt(blocks / safe))) - 1.0
+        codes = jnp.clip(k, 0.0, levels - 1.0)
+    codes = codes.astype(jnp.uint8).reshape(*lead, count * size)[..., :length]
+    if bits == 4:
+        codes = _pack(codes)
+    return codes, scales
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _decode(codes, scales, bits, block_size, shape, signed):
+    *lead, length = shape
+    count, size = _blocks(length, block_size)
+    if bits == 4:
+        codes = _unpack(codes, length)
+    codes = codes.astype(jnp.float32)
+    levels = jnp.asarray(_levels(bits, signed), jnp.float32)
+    if signed:
+        k = codes - levels
+        unit = jnp.sign(k) * jnp.square(k / levels)
+    else:
+        unit = jnp.square(jnp.square((codes + 1.0) / levels))
+    pad = count * size - length
+    unit = jnp.pad(unit, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
+    x = unit * scales[..., None]
+    return x.reshape(*lead, count * size)[..., :length]
 
 
 def _pack(codes: jax.Array) -> jax.Array:
