@@ -121,10 +121,10 @@ def scale_by_adopt(
     def update_fn(updates, state, params=None):
         del params
         stage = "scale_by_adopt.update"
-        validation.check_matching_trees(updates, storage.logical(state.mu), stage)
-        validation.check_float_leaves(updates, "updates", stage)
         storage.check_moment_state(state.mu, mu_dtype, updates, stage=stage, field="mu")
         storage.check_moment_state(state.nu, nu_dtype, updates, stage=stage, field="nu")
+        validation.check_matching_trees(updates, storage.logical(state.mu), stage)
+        validation.check_float_leaves(updates, "updates", stage)
         old_mu = storage.decode_moment(state.mu, updates)
         old_nu = storage.decode_moment(state.nu, updates)
         is_none = lambda x: x is None

@@ -21,6 +21,7 @@ state without being told how it was built.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 import zlib
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "init_moment",
     "is_stored",
     "logical",
+    "register_stored",
 ]
 
 
@@ -56,6 +58,48 @@ class StoredMoment:
     def decode(self) -> jax.Array:
         """The moment at full precision (float32), in the param leaf's shape."""
         return self.format.decode(self)
+
+
+_META = ("format", "shape", "signed")
+
+
+def register_stored(cls: type) -> type:
+    """Registers a stored-leaf dataclass with ``flax.serialization`` (when Flax is there).
+
+    The state dict holds the arrays and the format's ``repr``, so restoring a
+    leaf into an optimizer with another format fails naming both.
+    """
+    try:
+        import flax.serialization as fs
+    except ImportError:  # pragma: no cover - Flax is optional.
+        return cls
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in _META]
+
+    def to_state_dict(x):
+        return {**{k: fs.to_state_dict(getattr(x, k)) for k in fields}, "format": repr(x.format)}
+
+    def from_state_dict(target, state):
+        found = state.get("format") if isinstance(state, dict) else None
+        if found is None:
+            found = f"a plain array of shape {getattr(state, 'shape', None)}"
+        if found != repr(target.format) or set(state) != {*fields, "format"}:
+            raise ValueError(
+                f"{fs.current_path()}: the checkpoint holds {found}, but this optimizer "
+                f"keeps the leaf as {target.format!r}. Build the optimizer with the "
+                "storage format (mu_dtype/nu_dtype) the checkpoint was written with."
+            )
+        arrays = {k: fs.from_state_dict(getattr(target, k), state[k], name=k) for k in fields}
+        for k, v in arrays.items():
+            if tuple(getattr(v, "shape", ())) != tuple(getattr(target, k).shape):
+                raise ValueError(
+                    f"{fs.current_path()}/{k}: the checkpoint's array has shape "
+                    f"{getattr(v, 'shape', None)}, this optimizer's {getattr(target, k).shape} "
+                    f"(same format {found}: the parameter's shape differs)."
+                )
+        return dataclasses.replace(target, **arrays)
+
+    fs.register_serialization_state(cls, to_state_dict, from_state_dict, override=True)
+    return cls
 
 
 class StorageFormat(abc.ABC):
@@ -189,6 +233,8 @@ def describe(leaf: Any) -> str:
     """A stored or dense leaf in words, for error messages."""
     if is_stored(leaf):
         return f"{leaf.format!r} (shape {leaf.shape})"
+    if isinstance(leaf, dict) and "format" in leaf:  # a stored leaf's state dict
+        return str(leaf["format"])
     dtype = getattr(leaf, "dtype", None)
     return f"a plain {dtype} array of shape {getattr(leaf, 'shape', None)}"
 
@@ -211,10 +257,8 @@ def check_moment_state(stored: Any, spec: Any, updates: Any, *, stage: str, fiel
         where = f"{field}{jax.tree_util.keystr(path)}"
         if isinstance(spec, StorageFormat) and spec.stores(u):
             ok = is_stored(s) and s.format == spec and tuple(s.shape) == tuple(u.shape)
-        elif isinstance(spec, StorageFormat):
-            ok = not is_stored(s)
         else:
-            ok = not is_stored(s)
+            ok = not is_stored(s) and hasattr(s, "shape") and hasattr(s, "dtype")
         if not ok:
             raise ValueError(
                 f"{stage}: the state's leaf {where} holds {describe(s)}, but this "
@@ -223,9 +267,9 @@ def check_moment_state(stored: Any, spec: Any, updates: Any, *, stage: str, fiel
                 "Build the optimizer with the storage format it was saved with."
             )
 
-    flat_u = jax.tree_util.tree_flatten_with_path(updates, is_leaf=lambda x: x is None)[0]
-    flat_s = jax.tree.leaves(stored, is_leaf=lambda x: x is None or is_stored(x))
-    if len(flat_u) != len(flat_s):
-        return  # validation.check_matching_trees reports structure differences.
-    for (path, u), s in zip(flat_u, flat_s, strict=True):
-        check(path, u, s)
+    try:  # ``updates`` is a prefix of ``stored``: each stored leaf comes whole.
+        jax.tree_util.tree_map_with_path(check, updates, stored, is_leaf=lambda x: x is None)
+    except ValueError as e:
+        if "the state's leaf" in str(e):
+            raise
+        # Other structure differences: validation.check_matching_trees names them.

@@ -9,11 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_snr.storage.base import StorageFormat, StoredMoment
+from optax_snr.storage.base import StorageFormat, StoredMoment, register_stored
 
 __all__ = ["Factored", "FactoredMoment", "factored"]
 
 
+@register_stored
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["row", "col"],

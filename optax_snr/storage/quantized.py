@@ -10,11 +10,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_snr.storage.base import StorageFormat, StoredMoment
+from optax_snr.storage.base import StorageFormat, StoredMoment, register_stored
 
 __all__ = ["Quantized", "QuantizedMoment", "quantized"]
 
 
+@register_stored
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "scales"],
