@@ -83,7 +83,7 @@ def fit(
 # --- (a) digits: the demo's MLP ------------------------------------------------------
 
 
-def digits_task(steps: int):
+def digits_task(steps: int, batch_seed: int = 0):
     from flax import nnx
 
     from optax_snr import demo
@@ -95,7 +95,7 @@ def digits_task(steps: int):
         logits = nnx.merge(graphdef, params)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(batch_seed)
     order = np.concatenate([rng.permutation(len(x_train)) for _ in range(steps // 40 + 2)])
     batch = 32
 
@@ -187,7 +187,9 @@ def lm_task(steps: int, width: int = 128, layers: int = 5, context: int = 64, ba
 # --- (c) Zipf-distributed tokens and an embedding table --------------------------------
 
 
-def zipf_task(steps: int, vocab: int = 20_000, dim: int = 64, classes: int = 16):
+def zipf_task(
+    steps: int, batch_seed: int = 0, vocab: int = 20_000, dim: int = 64, classes: int = 16
+):
     key_e, key_w = jax.random.split(jax.random.PRNGKey(0))
     params = {
         "embed": jax.random.normal(key_e, (vocab, dim)) * 0.1,
@@ -209,7 +211,8 @@ def zipf_task(steps: int, vocab: int = 20_000, dim: int = 64, classes: int = 16)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     batch = 256
-    data = [draw(batch, rng) for _ in range(steps)]
+    batch_rng = np.random.default_rng(100 + batch_seed)
+    data = [draw(batch, batch_rng) for _ in range(steps)]
     held_out = draw(50_000, np.random.default_rng(1))
     evaluate = jax.jit(lambda p: loss_fn(p, *held_out))
     return params, loss_fn, lambda i: data[i], lambda p: float(evaluate(p)), 1e-2
@@ -226,8 +229,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         params, loss_fn, batches, evaluate, base_lr = make(steps)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         print(f"\n## {task}: {n_params:,} parameters, {steps} steps, default lr {base_lr:g}\n")
-        print("| lr | " + " | ".join(optimizers(1.0)) + " |")
-        print("|---|" + "---:|" * len(optimizers(1.0)))
+        columns = list(optimizers(1.0)) + (["f32, other batches"] if args.floor else [])
+        print("| lr | " + " | ".join(columns) + " |")
+        print("|---|" + "---:|" * len(columns))
         for factor in args.lr_factors:
             lr = base_lr * factor
             row = {}
@@ -240,6 +244,12 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                     f"({time.perf_counter() - start:.0f} s)",
                     file=sys.stderr,
                 )
+            if args.floor and task != "lm":  # the same training, other batches
+                _, _, other_batches, _, _ = make(steps, batch_seed=1)
+                with jax.numpy_dtype_promotion("standard"):
+                    floor = fit(optax.adam(lr), params, loss_fn, other_batches, steps, evaluate)
+                print(f"  {task} lr={lr:g} f32, other batches: {floor:.4f}", file=sys.stderr)
+                row["f32, other batches"] = floor
             base = row["optax.adam (f32)"]
             cells = [f"{base:.4f}"] + [
                 f"{v:.4f} ({100 * (v / base - 1):+.1f}%)"
@@ -358,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=json.loads, default={}, help="e.g. '{\"lm\": 500}'")
     parser.add_argument("--lr-factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0])
     parser.add_argument("--reps", type=int, default=20, help="timed steps (memory)")
+    parser.add_argument(
+        "--floor", action="store_true", help="also train f32 Adam on other batches (noise floor)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     results = quality(args) if args.what == "quality" else memory(args)
