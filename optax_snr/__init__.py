@@ -49,6 +49,14 @@ from optax_snr.stages.mixed_signal import mixed_signal as mixed_signal
 from optax_snr.stages.scale_by_adopt import ScaleByAdoptState as ScaleByAdoptState
 from optax_snr.stages.scale_by_adopt import scale_by_adopt as scale_by_adopt
 from optax_snr.stages.scale_by_snr import scale_by_snr as scale_by_snr
+from optax_snr.storage.base import StorageFormat as StorageFormat
+from optax_snr.storage.base import decode_moments as decode_moments
+from optax_snr.storage.factored import FactoredMoment as FactoredMoment
+from optax_snr.storage.factored import factored as factored
+from optax_snr.storage.quantized import QuantizedMoment as QuantizedMoment
+from optax_snr.storage.quantized import quantized as quantized
+from optax_snr.storage.stochastic_rounding import RoundedMoment as RoundedMoment
+from optax_snr.storage.stochastic_rounding import stochastic_rounding as stochastic_rounding
 
 __version__ = "0.1.0"
 
@@ -56,16 +64,20 @@ __all__ = [
     "BiasCorrectionState",
     "CenteredMomentsState",
     "EmaMomentsState",
+    "FactoredMoment",
     "FusedAdam",
     "MaxNoiseState",
     "MixedSignalState",
     "Moments",
     "NoiseScale",
     "NoiseScaleLeaf",
+    "QuantizedMoment",
+    "RoundedMoment",
     "ScaleByAdoptState",
     "SkipNonfiniteState",
     "SnrDiagnostics",
     "SnrSummary",
+    "StorageFormat",
     "Summary",
     "adabelief",
     "adam",
@@ -77,7 +89,9 @@ __all__ = [
     "centered_moments",
     "chain_as",
     "compute_dtype",
+    "decode_moments",
     "ema_moments",
+    "factored",
     "flatten_diagnostics",
     "fused_adam",
     "max_noise",
@@ -86,9 +100,11 @@ __all__ = [
     "nadamw",
     "noise_scale",
     "plot_diagnostics",
+    "quantized",
     "scale_by_adam",
     "scale_by_adopt",
     "scale_by_snr",
     "skip_nonfinite",
     "snr_diagnostics",
+    "stochastic_rounding",
 ]

@@ -1,8 +1,9 @@
 """The package's layout: imports run downward, no cycles, every docstring example runs.
 
-Layers, bottom up: ``common`` (shared helpers) <- ``stages`` <- ``optimizers``
-<- ``kernels``; ``readers`` and ``guards`` read or wrap states and sit beside the
-stages. ``optax_snr/__init__.py`` and ``demo.py`` are on top and may import anything.
+Layers, bottom up: ``common`` (shared helpers) <- ``storage`` (moment formats)
+<- ``stages`` <- ``optimizers`` <- ``kernels``; ``readers`` and ``guards`` read
+or wrap states and sit beside the stages. ``optax_snr/__init__.py`` and
+``demo.py`` are on top and may import anything.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ PACKAGE = helpers.REPO / "optax_snr"
 # What each folder may import from inside the package (besides itself).
 ALLOWED = {
     "common": set(),
-    "stages": {"common"},
-    "optimizers": {"common", "stages"},
-    "readers": {"common", "stages"},
+    "storage": {"common"},
+    "stages": {"common", "storage"},
+    "optimizers": {"common", "stages", "storage"},
+    "readers": {"common", "stages", "storage"},
     "guards": {"common"},
-    "kernels": {"common", "stages", "optimizers"},
+    "kernels": {"common", "stages", "optimizers", "storage"},
 }
 
 

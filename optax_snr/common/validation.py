@@ -122,6 +122,11 @@ def check_dtype(name: str, dtype: Any) -> jnp.dtype | None:
     """Canonicalizes an optional accumulator dtype; it must be inexact."""
     if dtype is None:
         return None
+    if hasattr(dtype, "encode") and hasattr(dtype, "decode"):
+        raise TypeError(
+            f"{name} takes a plain dtype here, not the storage format {dtype!r}: "
+            "storage formats apply to the moment buffers of the moment stages."
+        )
     try:
         canonical = jax.dtypes.canonicalize_dtype(dtype)
     except TypeError as e:

@@ -15,11 +15,9 @@ unique names. It reads:
   ``nnx.split(optimizer)[1]``), where NNX has turned each NamedTuple into a
   mapping with the same keys and each array into a ``Variable``.
 
-Moments stored in an encoded form would be decoded in :func:`_decode`, so
-every reader sees plain arrays.
+Moments stored in an encoded form (:mod:`optax_snr.storage`) are decoded in
+:func:`_decode`, so every reader sees plain float arrays.
 """
-
-from __future__ import annotations
 
 import collections
 from collections.abc import Iterator, Mapping
@@ -28,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 
 from optax_snr.common import validation
+from optax_snr.storage.base import is_stored
 
 __all__ = ["StateMoments", "check_hyperparameters", "read_moments", "unique_leaf_names"]
 
@@ -124,17 +123,14 @@ def _one_array(value: Any) -> jax.Array:
 def _decode(leaf: Any) -> jax.Array:
     """A stored moment as a plain array.
 
-    The one place where a storage format's encoded leaf would be decoded (for
-    example ``leaf.decode()`` for a quantized buffer, recognized by
-    :func:`_is_encoded`); plain arrays pass through.
+    The one place where a storage format's encoded leaf (a quantized, rounded
+    or factored buffer, recognized by :func:`_is_encoded`) is decoded, to
+    float32; plain arrays pass through.
     """
-    return leaf
+    return leaf.decode() if is_stored(leaf) else leaf
 
 
-def _is_encoded(node: Any) -> bool:
-    """Whether a node of a moment tree is one encoded leaf (none yet: plain arrays)."""
-    del node
-    return False
+_is_encoded = is_stored  # One encoded leaf of a moment tree (optax_snr.storage).
 
 
 def _leaves(tree: Any) -> list[tuple[tuple[Any, ...], jax.Array]]:

@@ -7,8 +7,6 @@ the number of steps about in proportion. Adam's state already tracks both
 parts, so :func:`noise_scale` reads it from there with no extra gradients.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

@@ -4,8 +4,6 @@ Matplotlib is an optional extra (``pip install 'optax_snr[plot]'``): it is
 imported inside :func:`plot_diagnostics` only, so the package never needs it.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any

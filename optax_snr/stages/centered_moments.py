@@ -8,7 +8,8 @@ import optax
 
 from optax_snr.common import validation
 from optax_snr.common.dtypes import promote
-from optax_snr.common.moments import Moments, cast_like_state, ema, squared_magnitude, tree_ema
+from optax_snr.common.moments import Moments, ema, squared_magnitude, tree_ema
+from optax_snr.storage import base as storage
 
 __all__ = ["CenteredMomentsState", "centered_moments"]
 
@@ -16,14 +17,17 @@ __all__ = ["CenteredMomentsState", "centered_moments"]
 class CenteredMomentsState(NamedTuple):
     """State of :func:`centered_moments`: the two moment buffers."""
 
-    mu: Any  # EMA of gradients (signal); params' structure and dtype.
-    nu: Any  # EMA of |g - mu|^2, plus eps_root each step (centered noise); params' structure/dtype.
+    mu: Any  # EMA of gradients (signal); params' structure, in mu_dtype or params' dtype.
+    nu: Any  # EMA of |g - mu|^2, plus eps_root each step (centered noise); in nu_dtype or params'.
 
 
 def centered_moments(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps_root: jax.typing.ArrayLike = 1e-16,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Tracks the signal and a centered noise: the EMA of the squared deviation (AdaBelief).
 
@@ -62,6 +66,11 @@ def centered_moments(
       eps_root: added to the noise buffer every step, ``>= 0``. Keep it
         positive if gradients flow through the optimizer (meta-learning): the
         derivative of :math:`\sqrt{s}` is infinite at 0.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the ``mu`` buffer; ``None`` keeps params'. The EMAs are computed
+        at full precision either way.
+      nu_dtype: dtype or storage format of the ``nu`` buffer (also
+        :func:`optax_snr.factored`); ``None`` keeps params'.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is a
@@ -84,20 +93,26 @@ def centered_moments(
     validation.check_hyperparameter("b1", b1, low=0.0, high=1.0)
     validation.check_hyperparameter("b2", b2, low=0.0, high=1.0)
     validation.check_hyperparameter("eps_root", eps_root, low=0.0)
+    mu_dtype = storage.check_storage("mu_dtype", mu_dtype, signed=True)
+    nu_dtype = storage.check_storage("nu_dtype", nu_dtype, signed=False)
 
     def init_fn(params):
         validation.check_float_leaves(params, "params", "centered_moments.init")
-        mu = optax.tree.zeros_like(params)  # First moment.
-        nu = optax.tree.zeros_like(params)  # Second central moment (of the prediction error).
+        mu = storage.init_moment(mu_dtype, params, signed=True, field="mu")  # First moment.
+        # Second central moment (of the prediction error).
+        nu = storage.init_moment(nu_dtype, params, signed=False, field="nu")
         return CenteredMomentsState(mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
         del params
-        validation.check_matching_trees(updates, state.mu, "centered_moments.update")
-        validation.check_float_leaves(updates, "updates", "centered_moments.update")
+        stage = "centered_moments.update"
+        storage.check_moment_state(state.mu, mu_dtype, updates, stage=stage, field="mu")
+        storage.check_moment_state(state.nu, nu_dtype, updates, stage=stage, field="nu")
+        validation.check_matching_trees(updates, storage.logical(state.mu), stage)
+        validation.check_float_leaves(updates, "updates", stage)
         updates = validation.array_leaves(updates)  # Python floats, as Optax takes them
         is_none = lambda x: x is None
-        mu = tree_ema(updates, state.mu, b1)
+        mu = tree_ema(updates, storage.decode_moment(state.mu, updates), b1)
 
         def centered_noise(g, m, s):
             if g is None:
@@ -107,9 +122,10 @@ def centered_moments(
             s = ema(squared_magnitude(deviation), s, b2)
             return s + jnp.asarray(eps_root, s.dtype)
 
-        nu = jax.tree.map(centered_noise, updates, mu, state.nu, is_leaf=is_none)
+        old_nu = storage.decode_moment(state.nu, updates)
+        nu = jax.tree.map(centered_noise, updates, mu, old_nu, is_leaf=is_none)
         new_state = CenteredMomentsState(
-            mu=cast_like_state(mu, state.mu), nu=cast_like_state(nu, state.nu)
+            mu=storage.encode_moment(mu, state.mu), nu=storage.encode_moment(nu, state.nu)
         )
         return Moments(mu=mu, nu=nu, grad=updates), new_state
 

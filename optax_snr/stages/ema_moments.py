@@ -6,7 +6,8 @@ import jax
 import optax
 
 from optax_snr.common import validation
-from optax_snr.common.moments import Moments, cast_like_state, squared_magnitude, tree_ema
+from optax_snr.common.moments import Moments, squared_magnitude, tree_ema
+from optax_snr.storage import base as storage
 
 __all__ = ["EmaMomentsState", "ema_moments"]
 
@@ -14,8 +15,8 @@ __all__ = ["EmaMomentsState", "ema_moments"]
 class EmaMomentsState(NamedTuple):
     """State of :func:`ema_moments`: the two moment buffers."""
 
-    mu: Any  # EMA of gradients; params' structure, dtype mu_dtype or params'.
-    nu: Any  # EMA of |gradient|^2; params' structure, dtype nu_dtype or params'.
+    mu: Any  # EMA of gradients; params' structure, in mu_dtype (a dtype or format) or params'.
+    nu: Any  # EMA of |gradient|^2; params' structure, in nu_dtype or params'.
 
 
 def ema_moments(
@@ -47,7 +48,12 @@ def ema_moments(
       b1: decay of the signal EMA, in [0, 1). Larger means longer memory.
       b2: decay of the noise EMA, in [0, 1).
       mu_dtype: dtype of the ``mu`` buffer; ``None`` keeps each param's dtype.
-      nu_dtype: dtype of the ``nu`` buffer; ``None`` keeps each param's dtype.
+        A storage format (:func:`optax_snr.quantized`,
+        :func:`optax_snr.stochastic_rounding`) keeps it in less memory: the
+        EMA is still computed in float32 from the decoded buffer, and only
+        what is kept between steps is encoded.
+      nu_dtype: dtype or storage format of the ``nu`` buffer (also
+        :func:`optax_snr.factored`); ``None`` keeps each param's dtype.
         (Optax's ``scale_by_adam`` has no such option.)
 
     Returns:
@@ -69,26 +75,31 @@ def ema_moments(
     """
     validation.check_hyperparameter("b1", b1, low=0.0, high=1.0)
     validation.check_hyperparameter("b2", b2, low=0.0, high=1.0)
-    mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
-    nu_dtype = validation.check_dtype("nu_dtype", nu_dtype)
+    mu_dtype = storage.check_storage("mu_dtype", mu_dtype, signed=True)
+    nu_dtype = storage.check_storage("nu_dtype", nu_dtype, signed=False)
 
     def init_fn(params):
         validation.check_float_leaves(params, "params", "ema_moments.init")
-        mu = optax.tree.zeros_like(params, dtype=mu_dtype)  # First moment.
-        nu = optax.tree.zeros_like(params, dtype=nu_dtype)  # Second raw moment.
+        mu = storage.init_moment(mu_dtype, params, signed=True, field="mu")  # First moment.
+        nu = storage.init_moment(nu_dtype, params, signed=False, field="nu")  # Second raw moment.
         return EmaMomentsState(mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
         del params
-        validation.check_matching_trees(updates, state.mu, "ema_moments.update")
-        validation.check_float_leaves(updates, "updates", "ema_moments.update")
+        stage = "ema_moments.update"
+        storage.check_moment_state(state.mu, mu_dtype, updates, stage=stage, field="mu")
+        storage.check_moment_state(state.nu, nu_dtype, updates, stage=stage, field="nu")
+        validation.check_matching_trees(updates, storage.logical(state.mu), stage)
+        validation.check_float_leaves(updates, "updates", stage)
         updates = validation.array_leaves(updates)  # Python floats, as Optax takes them
-        mu = tree_ema(updates, state.mu, b1)
-        nu = tree_ema(jax.tree.map(squared_magnitude, updates), state.nu, b2)
+        mu = tree_ema(updates, storage.decode_moment(state.mu, updates), b1)
+        nu = tree_ema(
+            jax.tree.map(squared_magnitude, updates), storage.decode_moment(state.nu, updates), b2
+        )
         # The next stages read the moments at full precision; the state keeps
-        # its own dtypes, so the state's types never change from step to step.
+        # its own dtypes (or formats), so its types never change from step to step.
         new_state = EmaMomentsState(
-            mu=cast_like_state(mu, state.mu), nu=cast_like_state(nu, state.nu)
+            mu=storage.encode_moment(mu, state.mu), nu=storage.encode_moment(nu, state.nu)
         )
         return Moments(mu=mu, nu=nu, grad=updates), new_state
 

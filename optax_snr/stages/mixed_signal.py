@@ -8,8 +8,9 @@ import optax
 
 from optax_snr.common import validation
 from optax_snr.common.dtypes import promote
-from optax_snr.common.moments import cast_like_state, require_moments, tree_ema
+from optax_snr.common.moments import require_moments, tree_ema
 from optax_snr.stages.bias_correction import BiasCorrectionState, bias_correction
+from optax_snr.storage import base as storage
 
 __all__ = ["MixedSignalState", "mixed_signal"]
 
@@ -59,7 +60,8 @@ def mixed_signal(
       b2: decay of the noise EMA, the value given to ``ema_moments``.
       b3: decay of the slow EMA, in [0, 1), or a schedule.
       alpha: weight of the slow EMA in the signal, ``>= 0``, or a schedule.
-      mu_dtype: dtype of the ``m2`` buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...) of
+        the ``m2`` buffer; ``None`` keeps params'.
 
     Returns:
       An :class:`optax.GradientTransformation` taking and returning
@@ -81,11 +83,12 @@ def mixed_signal(
     correct = bias_correction(b1, b2)
     validation.check_scalar_or_schedule("b3", b3, low=0.0, high=1.0)
     validation.check_scalar_or_schedule("alpha", alpha, low=0.0)
-    mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
+    mu_dtype = storage.check_storage("mu_dtype", mu_dtype, signed=True)
 
     def init_fn(params):
         count = correct.init(params).count
-        return MixedSignalState(count=count, m2=optax.tree.zeros_like(params, dtype=mu_dtype))
+        m2 = storage.init_moment(mu_dtype, params, signed=True, field="m2")
+        return MixedSignalState(count=count, m2=m2)
 
     def update_fn(updates, state, params=None):
         del params
@@ -94,7 +97,10 @@ def mixed_signal(
         alpha_t = alpha(state.count) if callable(alpha) else alpha
         corrected, counted = correct.update(moments, BiasCorrectionState(count=state.count))
         is_none = lambda x: x is None
-        m2 = tree_ema(moments.grad, state.m2, b3_t)
+        storage.check_moment_state(
+            state.m2, mu_dtype, moments.grad, stage="mixed_signal.update", field="m2"
+        )
+        m2 = tree_ema(moments.grad, storage.decode_moment(state.m2, moments.grad), b3_t)
 
         def mix(fast, slow):  # m1_hat + alpha * m2
             if fast is None:
@@ -104,7 +110,7 @@ def mixed_signal(
             return fast.astype(dtype) + slow.astype(dtype)
 
         mu = jax.tree.map(mix, corrected.mu, m2, is_leaf=is_none)
-        new_state = MixedSignalState(count=counted.count, m2=cast_like_state(m2, state.m2))
+        new_state = MixedSignalState(count=counted.count, m2=storage.encode_moment(m2, state.m2))
         return corrected._replace(mu=mu), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

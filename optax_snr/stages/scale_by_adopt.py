@@ -9,7 +9,8 @@ import optax
 
 from optax_snr.common import validation
 from optax_snr.common.dtypes import compute_dtype, promote
-from optax_snr.common.moments import cast_like_state, squared_magnitude, tree_ema
+from optax_snr.common.moments import squared_magnitude, tree_ema
+from optax_snr.storage import base as storage
 
 __all__ = ["ScaleByAdoptState", "fourth_root", "scale_by_adopt"]
 
@@ -19,7 +20,7 @@ class ScaleByAdoptState(NamedTuple):
 
     count: jax.Array  # shape=(), dtype=jnp.int32.
     mu: Any  # EMA of the (clipped) ratios g / noise; params' structure, mu_dtype or params'.
-    nu: Any  # EMA of |g|^2, used one step later; params' structure and dtype.
+    nu: Any  # EMA of |g|^2, used one step later; params' structure, nu_dtype or params'.
 
 
 def fourth_root(count: jax.Array) -> jax.Array:
@@ -40,6 +41,7 @@ def scale_by_adopt(
     nesterov: bool = False,
     use_clipping: bool = True,
     clip_value_fn: Callable[[jax.Array], jax.Array] = fourth_root,
+    nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Averages the per-step ratio of gradient to the previous noise (ADOPT).
 
@@ -71,11 +73,14 @@ def scale_by_adopt(
       b1: decay of the signal EMA (the average ratio), in [0, 1).
       b2: decay of the noise EMA, in [0, 1).
       eps: lower bound of the noise :math:`\sqrt{v}`, ``>= 0``.
-      mu_dtype: dtype of the ``mu`` buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...) of
+        the ``mu`` buffer; ``None`` keeps params'.
       nesterov: whether to use the look-ahead (Nesterov) signal.
       use_clipping: whether to clip the ratio to :math:`\pm c(t)`.
       clip_value_fn: :math:`c`, from the int32 step index (0 at the first
         step) to the clipping bound. Default :func:`fourth_root`.
+      nu_dtype: dtype or storage format of the ``nu`` buffer; ``None`` keeps
+        params' (Optax's ADOPT has no such option).
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is a
@@ -98,7 +103,8 @@ def scale_by_adopt(
     validation.check_hyperparameter("b1", b1, low=0.0, high=1.0)
     validation.check_hyperparameter("b2", b2, low=0.0, high=1.0)
     validation.check_hyperparameter("eps", eps, low=0.0)
-    mu_dtype = validation.check_dtype("mu_dtype", mu_dtype)
+    mu_dtype = storage.check_storage("mu_dtype", mu_dtype, signed=True)
+    nu_dtype = storage.check_storage("nu_dtype", nu_dtype, signed=False)
     nesterov = validation.check_bool("nesterov", nesterov)
     use_clipping = validation.check_bool("use_clipping", use_clipping)
     if not callable(clip_value_fn):
@@ -106,15 +112,20 @@ def scale_by_adopt(
 
     def init_fn(params):
         validation.check_float_leaves(params, "params", "scale_by_adopt.init")
-        mu = optax.tree.zeros_like(params, dtype=mu_dtype)  # First moment (of the ratio).
-        nu = optax.tree.zeros_like(params)  # Second raw moment (of the gradient).
+        mu = storage.init_moment(mu_dtype, params, signed=True, field="mu")  # Of the ratio.
+        nu = storage.init_moment(nu_dtype, params, signed=False, field="nu")  # Of the gradient.
         return ScaleByAdoptState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
         del params
-        validation.check_matching_trees(updates, state.mu, "scale_by_adopt.update")
-        validation.check_float_leaves(updates, "updates", "scale_by_adopt.update")
+        stage = "scale_by_adopt.update"
+        storage.check_moment_state(state.mu, mu_dtype, updates, stage=stage, field="mu")
+        storage.check_moment_state(state.nu, nu_dtype, updates, stage=stage, field="nu")
+        validation.check_matching_trees(updates, storage.logical(state.mu), stage)
+        validation.check_float_leaves(updates, "updates", stage)
         updates = validation.array_leaves(updates)  # Python floats, as Optax takes them
+        old_mu = storage.decode_moment(state.mu, updates)
+        old_nu = storage.decode_moment(state.nu, updates)
         is_none = lambda x: x is None
         started = state.count > 0
         # First step: nu_0 = g_0^2 (decay 0) and mu stays 0 (decay 1).
@@ -132,10 +143,10 @@ def scale_by_adopt(
             return jnp.clip(r, -c, c)
 
         ratios = jax.tree.map(
-            lambda g, v: None if g is None else ratio(g, v), updates, state.nu, is_leaf=is_none
+            lambda g, v: None if g is None else ratio(g, v), updates, old_nu, is_leaf=is_none
         )
-        mu = tree_ema(ratios, state.mu, b1_t)
-        nu = tree_ema(jax.tree.map(squared_magnitude, updates), state.nu, b2_t)
+        mu = tree_ema(ratios, old_mu, b1_t)
+        nu = tree_ema(jax.tree.map(squared_magnitude, updates), old_nu, b2_t)
         if nesterov:  # one more EMA step with the same ratio: the signal one step ahead
             signal = tree_ema(ratios, mu, b1_t)
         else:
@@ -145,8 +156,8 @@ def scale_by_adopt(
         )
         new_state = ScaleByAdoptState(
             count=optax.safe_increment(state.count),
-            mu=cast_like_state(mu, state.mu),
-            nu=cast_like_state(nu, state.nu),
+            mu=storage.encode_moment(mu, state.mu),
+            nu=storage.encode_moment(nu, state.nu),
         )
         return step, new_state
 
