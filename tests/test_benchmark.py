@@ -126,3 +126,35 @@ def test_unknown_shape_is_an_error():
     )
     assert proc.returncode == 2
     assert "nope" in proc.stderr
+
+
+def test_donation_benchmark_counts_the_copies_of_the_wrong_order(tmp_path):
+    out = tmp_path / "donation.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "donation.py"),
+            "--quick",
+            "--shapes",
+            "matrix,mlp",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["table"] in proc.stdout
+    for name, num_leaves in (("matrix", 1), ("mlp", 6)):
+        forms = results["shapes"][name]["forms"]
+        assert forms["optax.adam"]["copies"] == 0
+        assert forms["fused_adam documented"]["copies"] == 0
+        # The old order copies each rotated buffer (params, mu, nu) at least once.
+        assert forms["fused_adam rotated (old order)"]["copies"] >= 3 * num_leaves
+        assert all(f["median_ms"] > 0 for f in forms.values())
