@@ -327,7 +327,9 @@ def fused_adam(
     handle take the reference path inside the same ``step``: non-float32 params,
     gradients or moments (``mu_dtype``/``nu_dtype``), ``nesterov=True``, and
     every leaf on a non-CPU backend. ``None`` gradients leave their param and
-    moments unchanged, as in the chain.
+    moments unchanged, as in the chain. (``step`` runs the chain on every leaf
+    and lets the kernel replace its results; under ``jax.jit`` XLA drops the
+    chain's unused work, so call ``step`` jitted.)
 
     The kernel is compiled with the system C++ compiler on first use and cached
     (see :func:`build_fused_kernel`). It is an opaque custom call: ``step``
@@ -383,12 +385,10 @@ def fused_adam(
             use_kernel and g is not None and _is_float32(p, g, m, v)
             for p, g, m, v in zip(p_leaves, g_leaves, m_leaves, v_leaves, strict=True)
         ]
-        # The reference chain steps the other leaves and the counters; the
-        # kernel's leaves go in as None, so the chain leaves them untouched.
-        slow_grads = treedef.unflatten(
-            [None if f else g for f, g in zip(fast, g_leaves, strict=True)]
-        )
-        updates, new_state = tx.update(slow_grads, state, params)
+        # The reference chain steps every leaf and the counters; the kernel then
+        # replaces the kernel's leaves. Under jit XLA drops the chain's work on
+        # those leaves, whose results are never used (a test counts the loops).
+        updates, new_state = tx.update(grads, state, params)
         new_params = jax.tree.map(
             lambda p, u: p if u is None else optax.apply_updates(p, u),
             params,
