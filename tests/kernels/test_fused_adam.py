@@ -233,6 +233,27 @@ class FusedAdamTest(chex.TestCase):
         self.assertGreater(helpers.tree_max_abs_diff(fast[0], params), 1e-3)
 
 
+@pytest.mark.parametrize("schedule", [False, True])
+def test_state_is_found_by_field_name(monkeypatch, schedule):
+    """step reads count, mu and nu by name: it works on Optax's own adam state layout too."""
+
+    def optax_adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, *, nesterov, nu_dtype):
+        del nu_dtype
+        return optax.adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+
+    monkeypatch.setattr(fused, "adam", optax_adam)
+    learning_rate = optax.linear_schedule(1e-2, 1e-3, 3) if schedule else 1e-2
+    opt = optax_snr.fused_adam(learning_rate)
+    params = float32_tree()
+    with helpers.standard_promotion():  # optax.adam promotes implicitly.
+        state = opt.init(params)
+        assert isinstance(state[0], optax.ScaleByAdamState)
+        assert fused._TARGET in jax.jit(opt.step).lower(params, state, params).as_text()
+        ref, fast = run_both(opt, params)
+    chex.assert_trees_all_close(fast, ref, rtol=RTOL, atol=ATOL)
+    assert int(fast[1][0].count) == NUM_STEPS
+
+
 def full_size_copies(hlo, min_elements):
     """The ``copy`` instructions of a compiled HLO text with at least ``min_elements``."""
     copies = re.findall(r"= (\w+)\[([\d,]*)\]\S* copy\(", hlo)
