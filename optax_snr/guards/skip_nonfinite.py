@@ -1,6 +1,7 @@
 """Faults: skip a step whose gradients, updates or moments turn non-finite."""
 
 import functools
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -86,18 +87,18 @@ def _keep_or_roll_back(apply: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(select, new, old, is_leaf=_is_clock)
 
 
-def _check_bound(max_consecutive_skips: Any) -> None:
-    if max_consecutive_skips is None:
+def _check_bound(bound: Any) -> None:
+    """``max_consecutive_skips``: an int >= 0 (NumPy ints too, not bools) or None."""
+    if bound is None:
         return
-    if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int):
+    if isinstance(bound, bool) or not isinstance(bound, numbers.Integral):
         raise TypeError(
             "skip_nonfinite: max_consecutive_skips must be an int >= 0 or None, got "
-            f"{max_consecutive_skips!r} of type {type(max_consecutive_skips).__name__}."
+            f"{bound!r} of type {type(bound).__name__}."
         )
-    if max_consecutive_skips < 0:
+    if bound < 0:
         raise ValueError(
-            f"skip_nonfinite: max_consecutive_skips must be >= 0 (or None), got "
-            f"{max_consecutive_skips}."
+            f"skip_nonfinite: max_consecutive_skips must be >= 0 (or None), got {bound}."
         )
 
 
@@ -220,7 +221,7 @@ def skip_nonfinite(
         if max_consecutive_skips is None:
             skip = ~finite
         else:
-            bound = jnp.asarray(max_consecutive_skips, jnp.int32)
+            bound = jnp.asarray(int(max_consecutive_skips), jnp.int32)
             skip = ~finite & (state.consecutive_skips < bound)
         apply = ~skip
         new_inner = _keep_or_roll_back(apply, new_inner, old_inner)

@@ -254,7 +254,9 @@ class ConsecutiveSkipBoundTest(chex.TestCase):
         assert (int(state.skipped), int(state.consecutive_skips)) == (5, 3)
         np.testing.assert_array_equal(updates, 0.0)
 
-    @parameterized.named_parameters(("none", None, 0), ("zero", 0, 4))
+    @parameterized.named_parameters(
+        ("none", None, 0), ("zero", 0, 4), ("numpy_zero", np.int64(0), 4)
+    )
     def test_no_bound_and_zero_bound(self, bound, applied_steps):
         tx = optax_snr.skip_nonfinite(optax_snr.adam(LR), max_consecutive_skips=bound)
         state = tx.init(jnp.zeros(2))
