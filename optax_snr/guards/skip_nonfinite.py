@@ -130,9 +130,9 @@ def skip_nonfinite(
     other buffers the inner transformations keep). Values that were already
     non-finite are not judged: ``optax.contrib.reduce_on_plateau`` keeps
     ``best_value = inf`` until it sees a loss, and such a marker must not make
-    every step look bad. (Checking the updates alone, as
-    :func:`optax.apply_if_finite` does, misses the overflowed noise buffer,
-    whose update is a finite zero.)
+    every step look bad. (Checking the gradients alone, as
+    :func:`optax.apply_if_finite` does, misses a huge but finite gradient
+    that overflows the noise buffer, whose update is a finite zero.)
 
     A skipped step returns zero updates, so ``optax.apply_updates`` leaves the
     params unchanged, and the inner state is rolled back to the one from before

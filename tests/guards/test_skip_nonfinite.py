@@ -333,8 +333,8 @@ class ApplyIfFiniteTest(chex.TestCase):
         assert int(optax.tree.get(new_state, "count")) == 1
 
     def test_does_not_see_an_overflowed_noise_buffer(self):
-        # apply_if_finite checks the updates only; the overflow's update is a
-        # finite zero, so the inf in nu is kept. skip_nonfinite checks the state.
+        # apply_if_finite checks only its input gradients, here finite (1e30); the
+        # update is a finite zero too, so the inf in nu is kept. skip_nonfinite checks the state.
         grads = jnp.full(2, 1e30, jnp.float32)
         tx = optax.apply_if_finite(optax_snr.adam(LR), max_consecutive_errors=5)
         _, state = tx.update(grads, tx.init(jnp.zeros(2)))
