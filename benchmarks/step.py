@@ -3,11 +3,12 @@
 An Adam step is memory-bound: it reads params, grads, mu and nu and writes params,
 mu and nu, 28 bytes per float32 parameter at best. This script times a jitted,
 donated step (``tx.update`` + ``optax.apply_updates``) of each optimizer on three
-shapes, interleaved in one process so that both see the same machine load, and
-reports per-repetition paired ratios and their medians. It also times two
-reference kernels that bound what any Adam step can reach on this machine, and
-reads from the compiled HLO how many fusions the step has and how many bytes per
-parameter it moves.
+shapes (a fourth on request), ``optax_snr.fused_adam`` in its documented form
+``jax.jit(opt.step, donate_argnums=(0, 1))``, interleaved in one process so that
+both see the same machine load, and reports per-repetition paired ratios and
+their medians. It also times two reference kernels that bound what any Adam step
+can reach on this machine, and reads from the compiled HLO how many fusions the
+step has, how many arrays it copies and how many bytes per parameter it moves.
 
 Run ``python benchmarks/step.py`` (``--help`` for the flags). Set
 ``--multi-output-fusion`` to compile everything with XLA:CPU's multi-output
@@ -43,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--retrace-steps", type=int, default=100, help="steps over which recompiles are counted"
     )
     parser.add_argument(
-        "--shapes", default="leaf,tree,mlp", help="comma-separated subset of leaf,tree,mlp"
+        "--shapes",
+        default="leaf,tree,mlp",
+        help="comma-separated subset of leaf,tree,mlp,matrix",
     )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true", help="small sizes and few reps (smoke)")
@@ -114,10 +117,19 @@ def mlp_params(size: int, key: Any) -> dict[str, Any]:
     }
 
 
+def matrix_params(size: int, key: Any) -> dict[str, Any]:
+    """Shape (d): one square 2-D leaf of about ``size`` parameters (4096 x 4096 by default)."""
+    import jax
+
+    side = int(size**0.5)
+    return {"w": jax.random.normal(key, (side, side))}
+
+
 SHAPES: dict[str, tuple[str, Callable[[int, Any], Any]]] = {
     "leaf": ("(a) one leaf", leaf_params),
     "tree": ("(b) transformer-like tree", transformer_params),
     "mlp": ("(c) tiny MLP", mlp_params),
+    "matrix": ("(d) one square matrix", matrix_params),
 }
 
 
@@ -134,21 +146,28 @@ def optimizers() -> dict[str, Any]:
     }
 
 
-def make_step(tx: Any) -> tuple[Callable[..., Any], list[int]]:
-    """A jitted step that donates params and state, and a list counting its traces."""
+def make_step(tx: Any) -> Callable[..., Any]:
+    """A jitted step ``(params, state, grads) -> (params, state)`` donating params and state.
+
+    For ``optax_snr.fused_adam`` this is exactly its documented form,
+    ``jax.jit(opt.step, donate_argnums=(0, 1))``, with no wrapper around ``step``.
+    """
     import jax
     import optax
 
-    traces = [0]
+    if hasattr(tx, "step"):  # A fused update-and-apply (optax_snr.fused_adam).
+        return jax.jit(tx.step, donate_argnums=(0, 1))
 
     def step(params, state, grads):
-        traces[0] += 1  # Runs once per trace, so it counts compilations.
-        if hasattr(tx, "step"):  # A fused update-and-apply (optax_snr.fused_adam).
-            return tx.step(grads, state, params)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step, donate_argnums=(0, 1)), traces
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def compilations(jitted: Callable[..., Any]) -> int:
+    """How many specializations ``jitted`` has compiled: the entries of jit's cache."""
+    return int(jitted._cache_size())
 
 
 def make_loop(tx: Any, num_steps: int) -> Callable[..., Any]:
@@ -160,8 +179,7 @@ def make_loop(tx: Any, num_steps: int) -> Callable[..., Any]:
     """
     import jax
 
-    step, _ = make_step(tx)
-    body = step.__wrapped__ if hasattr(step, "__wrapped__") else step
+    body = make_step(tx).__wrapped__  # The step before jit.
 
     def loop(params, state, grads):
         return jax.lax.fori_loop(0, num_steps, lambda _, c: body(*c, grads), (params, state))
@@ -221,6 +239,14 @@ def hlo_stats(jitted: Callable[..., Any], *args: Any) -> dict[str, Any]:
     lines = entry.splitlines()
     fusions = [line for line in lines if " fusion(" in line]
     array_fusions = [line for line in fusions if max_elements(line.split(" = ", 1)[1]) > 1]
+    # Copies of arrays anywhere in the program: a donated buffer that cannot be
+    # updated in place (say, donated arguments in another order than the
+    # results) is copied in full on every call.
+    copies = [
+        line
+        for line in text.splitlines()
+        if " copy(" in line and max_elements(line.split(" = ", 1)[1], " copy(") > 1
+    ]
     # XLA's cost analysis does not look inside custom calls (the fused kernel):
     # count their traffic as the bytes of their operands plus their results.
     sizes = {}
@@ -243,6 +269,7 @@ def hlo_stats(jitted: Callable[..., Any], *args: Any) -> dict[str, Any]:
         "fusions": len(fusions),
         "array_fusions": len(array_fusions),
         "custom_calls": len(custom_calls),
+        "copies": len(copies),
         "bytes_accessed": float(cost.get("bytes accessed", float("nan"))) + custom_bytes,
         "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)),
         "alias_bytes": int(getattr(memory, "alias_size_in_bytes", -1)),
@@ -264,9 +291,9 @@ def shape_bytes(shape: str) -> int:
     return total
 
 
-def max_elements(text: str) -> int:
-    """Elements of the largest array shape at the start of an HLO result."""
-    shape = text.split(" fusion(", 1)[0]
+def max_elements(text: str, op: str = " fusion(") -> int:
+    """Elements of the largest array shape of an HLO result (the text before ``op``)."""
+    shape = text.split(op, 1)[0]
     counts = [1]
     for dims in re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", shape):
         count = 1
@@ -298,12 +325,12 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
     candidates: dict[str, dict[str, Any]] = {}
     loops: dict[str, dict[str, Any]] = {}
     for opt_name, tx in optimizers().items():
-        step, traces = make_step(tx)
+        step = make_step(tx)
         params = jax.tree.map(jnp.copy, params0)
         state = tx.init(params)
         stats = hlo_stats(step, params, state, grads)
         stats["state_bytes"] = tree_bytes(state)
-        candidates[opt_name] = {"run": step, "traces": traces, "carry": (params, state), **stats}
+        candidates[opt_name] = {"run": step, "carry": (params, state), **stats}
         looped = jax.tree.map(jnp.copy, params0)
         loops[opt_name] = {
             "run": make_loop(tx, args.loop_steps),
@@ -381,7 +408,14 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
             ],
             **{
                 k: cand[k]
-                for k in ("compile_s", "fusions", "array_fusions", "custom_calls", "state_bytes")
+                for k in (
+                    "compile_s",
+                    "fusions",
+                    "array_fusions",
+                    "custom_calls",
+                    "copies",
+                    "state_bytes",
+                )
             },
             "bytes_per_param": cand["bytes_accessed"] / num_params,
             "temp_bytes": cand["temp_bytes"],
@@ -411,12 +445,13 @@ def run_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # Recompilations: run retrace_steps more steps through jit's cache.
     for opt_name, cand in candidates.items():
-        before = cand["traces"][0]
+        before = compilations(cand["run"])
         for _ in range(args.retrace_steps):
             call(cand, grads)
         jax.block_until_ready(cand["carry"])
-        result["optimizers"][opt_name]["retraces_after_first"] = cand["traces"][0] - before
-        result["optimizers"][opt_name]["traces_total"] = cand["traces"][0]
+        after = compilations(cand["run"])
+        result["optimizers"][opt_name]["retraces_after_first"] = after - before
+        result["optimizers"][opt_name]["traces_total"] = after
     return result
 
 
@@ -451,8 +486,9 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [
         "| shape | params / leaves | step | median ms | paired ratio to optax.adam "
         "| in-loop ms/step | in-loop paired ratio "
-        "| fusions (array) + custom calls | bytes/param (HLO) | compile s | state MB | retraces |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fusions (array) + custom calls | copies | bytes/param (HLO) | compile s | state MB "
+        "| retraces |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape in results["shapes"].values():
         size = f"{shape['num_params'] / 1e6:.3g}M / {shape['num_leaves']}"
@@ -461,7 +497,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"| {shape['label']} | {size} | `{name}` | {o['median_ms']:.2f} "
                 f"| {o['ratio_to_optax_median']:.3f} "
                 f"| {o['loop_median_ms_per_step']:.2f} | {o['loop_ratio_to_optax_median']:.3f} "
-                f"| {o['fusions']} ({o['array_fusions']}) + {o['custom_calls']} "
+                f"| {o['fusions']} ({o['array_fusions']}) + {o['custom_calls']} | {o['copies']} "
                 f"| {o['bytes_per_param']:.1f} | {o['compile_s']:.2f} "
                 f"| {o['state_bytes'] / 2**20:.1f} | {o['retraces_after_first']} |"
             )
@@ -471,17 +507,17 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {shape['label']} | {size} | dispatch: donated no-op step, same trees "
             f"| {dispatch['median_ms']:.2f} | {dispatch['median_ms'] / base_ms:.3f} "
-            f"| | | {dispatch['fusions']} | | | | |"
+            f"| | | {dispatch['fusions']} | | | | | |"
         )
         lines.append(
             f"| {shape['label']} | {size} | adam_traffic kernel (4 reads, 3 writes) "
             f"| {traffic['median_ms']:.2f} | {traffic['median_ms'] / base_ms:.3f} "
-            f"| | | {traffic['fusions']} | {traffic['bytes_per_param']:.1f} | | | |"
+            f"| | | {traffic['fusions']} | | {traffic['bytes_per_param']:.1f} | | | |"
         )
         lines.append(
             f"| {shape['label']} | {size} | XLA-stream bound (28 B/param at "
             f"{bound['bandwidth_GBps']:.0f} GB/s) | {bound['median_ms']:.2f} "
-            f"| {bound['median_ms'] / base_ms:.3f} | | | | 28.0 | | | |"
+            f"| {bound['median_ms'] / base_ms:.3f} | | | | | 28.0 | | | |"
         )
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ OPTIMIZER_FIELDS = {
     "fusions",
     "array_fusions",
     "custom_calls",
+    "copies",
     "state_bytes",
     "bytes_per_param",
     "temp_bytes",
@@ -80,6 +81,9 @@ def test_json_has_every_shape_and_field(quick_results):
         calls = -(-shape["num_leaves"] // fused_module._LEAVES_PER_CALL)  # Leaves in groups.
         assert (fused["custom_calls"], fused["array_fusions"]) == (calls, 0)
         assert 28.0 <= fused["bytes_per_param"] < 28.1
+        # Every step, fused_adam's documented jit(opt.step, donate_argnums=(0, 1))
+        # included, updates its donated buffers in place: no array is copied.
+        assert [e["copies"] for e in (optax_entry, snr, fused)] == [0, 0, 0]
         assert set(shape["references"]) == {"dispatch", "stream", "adam_traffic", "bandwidth_bound"}
         assert shape["references"]["bandwidth_bound"]["bandwidth_GBps"] > 0
 
@@ -122,3 +126,35 @@ def test_unknown_shape_is_an_error():
     )
     assert proc.returncode == 2
     assert "nope" in proc.stderr
+
+
+def test_donation_benchmark_counts_the_copies_of_the_wrong_order(tmp_path):
+    out = tmp_path / "donation.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "donation.py"),
+            "--quick",
+            "--shapes",
+            "matrix,mlp",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["table"] in proc.stdout
+    for name, num_leaves in (("matrix", 1), ("mlp", 6)):
+        forms = results["shapes"][name]["forms"]
+        assert forms["optax.adam"]["copies"] == 0
+        assert forms["fused_adam documented"]["copies"] == 0
+        # The old order copies each rotated buffer (params, mu, nu) at least once.
+        assert forms["fused_adam rotated (old order)"]["copies"] >= 3 * num_leaves
+        assert all(f["median_ms"] > 0 for f in forms.values())

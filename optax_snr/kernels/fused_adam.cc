@@ -1,6 +1,6 @@
 // One pass of Adam over memory, for XLA:CPU through the JAX FFI.
 //
-// Used by optax_snr/fused.py, which compiles this file on first use. For every
+// Used by optax_snr/kernels/fused_adam.py, which compiles this file on first use. For every
 // float32 leaf it reads p, g, m, v once and writes p, m, v once (28 bytes per
 // parameter), with the float operations of XLA's compiled optax_snr.adam step:
 //   m = fma(g, 1 - b1, b1 * m)                       signal

@@ -43,11 +43,12 @@ class DefaultBehaviourTest(chex.TestCase):
         with helpers.standard_promotion():
             ref = optax.adam(LR)
             ref_updates, ref_state = jax.jit(ref.update)(grads, ref.init(params))
-        for ours, theirs in ((updates, ref_updates), (state[0].mu, ref_state[0].mu)):
+        pairs = ((updates, ref_updates), (optax.tree.get(state, "mu"), ref_state[0].mu))
+        for ours, theirs in pairs:
             for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
                 np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
         assert bool(jnp.isnan(updates["dense"]["bias"]).any())
-        assert int(state[0].count) == 1  # The step was taken, poison and all.
+        assert int(optax.tree.get(state, "count")) == 1  # The step was taken, poison and all.
 
     def test_huge_finite_gradient_overflows_the_noise_buffer(self):
         # g ** 2 overflows float32 for |g| > 1.8e19: the update is a finite 0,
@@ -56,7 +57,7 @@ class DefaultBehaviourTest(chex.TestCase):
         state = tx.init(jnp.zeros(3))
         updates, state = jax.jit(tx.update)(jnp.full(3, 1e30, jnp.float32), state)
         chex.assert_tree_all_finite(updates)
-        assert bool(jnp.isinf(state[0].nu).all())
+        assert bool(jnp.isinf(optax.tree.get(state, "nu")).all())
         updates, _ = jax.jit(tx.update)(jnp.ones(3), state)
         np.testing.assert_array_equal(updates, 0.0)
 
@@ -121,15 +122,194 @@ class SkipNonfiniteTest(chex.TestCase):
         assert updates["frozen"] is None
         assert int(optax.tree.get(state, "count")) == 1
 
-    def test_works_inside_optax_wrappers(self):
-        tx = optax.MultiSteps(optax_snr.skip_nonfinite(optax_snr.adam(LR)), every_k_schedule=2)
+    def test_rejects_a_state_it_did_not_make(self):
+        tx = optax_snr.skip_nonfinite(optax_snr.adam(LR))
+        with self.assertRaisesRegex(TypeError, "SkipNonfiniteState"):
+            tx.update(jnp.ones(2), optax_snr.adam(LR).init(jnp.zeros(2)))
+
+
+TARGET = jnp.linspace(-2.0, 3.0, 8, dtype=jnp.float32)
+
+
+def _quadratic(params):
+    return jnp.sum((params - TARGET) ** 2)
+
+
+def _train(tx, num_steps, *, with_value=False, grad_fn=None):
+    """``num_steps`` jitted steps of ``tx`` on a quadratic from zero; returns (params, state)."""
+    grad_fn = grad_fn or (lambda p, i: jax.grad(_quadratic)(p))
+
+    @jax.jit
+    def step(params, state, i):
+        extra = {"value": _quadratic(params)} if with_value else {}
+        updates, state = tx.update(grad_fn(params, i), state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    params = jnp.zeros_like(TARGET)
+    state = tx.init(params)
+    for i in range(num_steps):
+        params, state = step(params, state, jnp.asarray(i, jnp.int32))
+    return params, state
+
+
+def _nan_at(step):
+    """A constant 0.1 learning rate that is NaN at count ``step``."""
+    return lambda count: jnp.where(count == step, jnp.float32(jnp.nan), jnp.float32(0.1))
+
+
+class WhatIsJudgedTest(chex.TestCase):
+    """Only what must be finite is judged: not markers that other stages keep."""
+
+    def test_reduce_on_plateau_inf_marker_does_not_stall_training(self):
+        # reduce_on_plateau keeps best_value = inf until it has seen a loss.
+        def chain():
+            plateau = optax.contrib.reduce_on_plateau(accumulation_size=4)
+            return optax.chain(optax_snr.adam(0.1), plateau)
+
+        with helpers.standard_promotion():  # reduce_on_plateau promotes implicitly.
+            assert bool(jnp.isinf(optax.tree.get(chain().init(TARGET), "best_value")))
+            params, state = _train(optax_snr.skip_nonfinite(chain()), 50, with_value=True)
+            plain, _ = _train(chain(), 50, with_value=True)
+            clean, _ = _train(optax_snr.adam(0.1), 50)
+        assert int(state.skipped) == 0
+        helpers.assert_trees_bitwise_equal(params, plain)
+        # Trained as far as plain Adam (the old guard stayed at the start, loss 12.75).
+        self.assertLess(float(_quadratic(params)), 0.1)
+        self.assertLess(abs(float(_quadratic(params)) - float(_quadratic(clean))), 0.05)
+        # A NaN gradient is still skipped, and then training goes on.
+        bad = lambda p, i: jnp.where(i == 10, jnp.float32(jnp.nan), jax.grad(_quadratic)(p))
+        with helpers.standard_promotion():
+            _, state = _train(optax_snr.skip_nonfinite(chain()), 20, with_value=True, grad_fn=bad)
+        assert int(state.skipped) == 1 and bool(state.last_finite)
+
+    def test_newly_nonfinite_judges_values_that_were_finite(self):
+        newly = optax_snr.guards.skip_nonfinite.newly_nonfinite
+        inf, nan = jnp.float32(jnp.inf), jnp.float32(jnp.nan)
+        old = {"marker": jnp.array([inf, 1.0]), "count": jnp.asarray(3)}
+        same = {"marker": jnp.array([inf, 2.0]), "count": jnp.asarray(4)}
+        assert not bool(newly(old, same))
+        assert not bool(newly(old, {"marker": jnp.array([nan, 2.0]), "count": jnp.asarray(4)}))
+        assert bool(newly(old, {"marker": jnp.array([inf, inf]), "count": jnp.asarray(4)}))
+        assert bool(newly(old, {"marker": jnp.array([1.0, nan]), "count": jnp.asarray(4)}))
+        assert not bool(newly({}, {}))
+
+
+class ScheduleClockTest(chex.TestCase):
+    """A learning rate that is NaN at one step costs that step, not every later one."""
+
+    @parameterized.named_parameters(
+        ("scale_by_learning_rate", lambda lr: optax_snr.adam(lr)),
+        ("inject_hyperparams", lambda lr: optax.inject_hyperparams(optax_snr.adam)(lr)),
+    )
+    def test_nan_schedule_skips_one_step_and_recovers(self, build):
+        params, state = _train(optax_snr.skip_nonfinite(build(_nan_at(3))), 12)
+        assert int(state.skipped) == 1
+        assert bool(state.last_finite) and int(state.consecutive_skips) == 0
+        chex.assert_tree_all_finite(params)
+        # Eleven applied steps of a constant 0.1: the same as plain Adam's eleven.
+        clean, clean_state = _train(build(0.1), 11)
+        chex.assert_trees_all_close(params, clean, rtol=1e-6)
+        counts = optax.tree_utils.tree_get_all_with_path(state, "count")
+        clocks = [int(v) for path, v in counts if path[-1].tuple_name in SCHEDULE_CLOCKS]
+        others = [int(v) for path, v in counts if path[-1].tuple_name not in SCHEDULE_CLOCKS]
+        assert clocks and set(clocks) == {12}  # The schedule's clocks moved on through the skip.
+        assert others == [11]  # Adam's count: the applied steps.
+        assert int(optax.tree.get(clean_state, "count", filtering=_not_a_clock)) == 11
+
+
+SCHEDULE_CLOCKS = (
+    "ScaleByScheduleState",
+    "InjectHyperparamsState",
+    "InjectStatefulHyperparamsState",
+    "WrappedScheduleState",
+)
+
+
+def _not_a_clock(path, _):
+    return path[-1].tuple_name not in SCHEDULE_CLOCKS
+
+
+class ConsecutiveSkipBoundTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bound_applies_the_step_anyway_and_starts_over(self):
+        tx = optax_snr.skip_nonfinite(optax_snr.adam(LR), max_consecutive_skips=3)
+        params = jnp.zeros(2)
+        state = tx.init(params)
+        update = self.variant(tx.update)
+        nan = jnp.array([jnp.nan, 1.0])
+        seen = []
+        for _ in range(5):
+            updates, state = update(nan, state, params)
+            applied = bool(jnp.isnan(updates).any())
+            seen.append((applied, int(state.skipped), int(state.consecutive_skips)))
+            assert not bool(state.last_finite)
+        # Three skips, then the fourth bad step is applied (NaN and all), then skips again.
+        assert seen == [(False, 1, 1), (False, 2, 2), (False, 3, 3), (True, 3, 0), (False, 4, 1)]
+        assert int(optax.tree.get(state, "count")) == 1
+        # A finite step resets the run of skips.
+        tx = optax_snr.skip_nonfinite(optax_snr.adam(LR), max_consecutive_skips=3)
+        state = tx.init(params)
+        for g in (nan, nan, jnp.ones(2), nan, nan, nan):
+            updates, state = update(g, state, params)
+        assert (int(state.skipped), int(state.consecutive_skips)) == (5, 3)
+        np.testing.assert_array_equal(updates, 0.0)
+
+    @parameterized.named_parameters(
+        ("none", None, 0), ("zero", 0, 4), ("numpy_zero", np.int64(0), 4)
+    )
+    def test_no_bound_and_zero_bound(self, bound, applied_steps):
+        tx = optax_snr.skip_nonfinite(optax_snr.adam(LR), max_consecutive_skips=bound)
+        state = tx.init(jnp.zeros(2))
+        for _ in range(4):
+            _, state = tx.update(jnp.array([jnp.nan, 1.0]), state)
+        assert int(optax.tree.get(state, "count")) == applied_steps
+        assert int(state.skipped) == 4 - applied_steps
+
+    @parameterized.named_parameters(
+        ("negative", -1, ValueError),
+        ("float", 2.5, TypeError),
+        ("bool", True, TypeError),
+        ("string", "3", TypeError),
+    )
+    def test_invalid_bound_is_rejected(self, bound, error):
+        with self.assertRaisesRegex(error, "max_consecutive_skips"):
+            optax_snr.skip_nonfinite(optax_snr.adam(LR), max_consecutive_skips=bound)
+
+
+class MultiStepsNestingTest(chex.TestCase):
+    """Put skip_nonfinite outside optax.MultiSteps: inside, one NaN micro-batch is forever."""
+
+    GOOD = [jnp.array([0.5, -1.0]), jnp.array([1.5, 0.25]), jnp.array([-0.5, 2.0])] * 2
+    NAN = jnp.array([jnp.nan, 1.0])
+
+    def _run(self, tx, grads):
         params = jnp.zeros(2)
         state = tx.init(params)
         with helpers.standard_promotion():  # MultiSteps promotes implicitly.
-            for g in (jnp.ones(2), jnp.array([jnp.nan, 1.0])):
-                updates, state = tx.update(g, state, params)
-        np.testing.assert_array_equal(updates, 0.0)
-        assert int(state.inner_opt_state.skipped) == 1
+            update = jax.jit(tx.update)
+            for g in grads:
+                updates, state = update(g, state, params)
+                params = optax.apply_updates(params, updates)
+        return params, state
+
+    def test_outside_drops_the_bad_micro_batch(self):
+        good = self.GOOD
+        tx = optax_snr.skip_nonfinite(optax.MultiSteps(optax_snr.adam(0.1), every_k_schedule=2))
+        params, state = self._run(tx, [good[0], self.NAN, *good[1:]])
+        clean, _ = self._run(optax.MultiSteps(optax_snr.adam(0.1), every_k_schedule=2), good)
+        helpers.assert_trees_bitwise_equal(params, clean)
+        assert int(state.skipped) == 1
+        assert int(optax.tree.get(state, "count")) == 3  # Three Adam steps on six good batches.
+
+    def test_inside_never_recovers(self):
+        # Documents Optax's behaviour (optax 0.2.8): the accumulator is reset by
+        # multiplying by zero, and NaN * 0 is NaN, so every later mean is NaN.
+        good = self.GOOD
+        tx = optax.MultiSteps(optax_snr.skip_nonfinite(optax_snr.adam(0.1)), every_k_schedule=2)
+        params, state = self._run(tx, [good[0], self.NAN, *good])
+        np.testing.assert_array_equal(params, 0.0)
+        assert int(state.inner_opt_state.skipped) == 4  # Every Adam step since the NaN.
+        assert int(optax.tree.get(state.inner_opt_state, "count")) == 0
 
 
 class ApplyIfFiniteTest(chex.TestCase):
@@ -153,13 +333,13 @@ class ApplyIfFiniteTest(chex.TestCase):
         assert int(optax.tree.get(new_state, "count")) == 1
 
     def test_does_not_see_an_overflowed_noise_buffer(self):
-        # apply_if_finite checks the updates only; the overflow's update is a
-        # finite zero, so the inf in nu is kept. skip_nonfinite checks the state.
+        # apply_if_finite checks only its input gradients, here finite (1e30); the
+        # update is a finite zero too, so the inf in nu is kept. skip_nonfinite checks the state.
         grads = jnp.full(2, 1e30, jnp.float32)
         tx = optax.apply_if_finite(optax_snr.adam(LR), max_consecutive_errors=5)
         _, state = tx.update(grads, tx.init(jnp.zeros(2)))
         assert int(state.total_notfinite) == 0
-        assert bool(jnp.isinf(state.inner_state[0].nu).all())
+        assert bool(jnp.isinf(optax.tree.get(state.inner_state, "nu")).all())
         ours = optax_snr.skip_nonfinite(optax_snr.adam(LR))
         _, state = ours.update(grads, ours.init(jnp.zeros(2)))
         assert int(state.skipped) == 1
@@ -191,7 +371,7 @@ class CountSaturationTest(chex.TestCase):
         start = jnp.asarray(INT32_MAX - 1, jnp.int32)
         tx = optax_snr.adam(LR)
         state = tx.init(params)
-        state = (state[0]._replace(count=start), *state[1:])
+        state = optax.tree.set(state, count=start)
         with helpers.standard_promotion():
             ref = optax.adam(LR)
             ref_state = ref.init(params)
@@ -203,8 +383,9 @@ class CountSaturationTest(chex.TestCase):
             with helpers.standard_promotion():
                 ref_updates, ref_state = ref_update(grads, ref_state)
             chex.assert_tree_all_finite(updates)
-            assert int(state[0].count) == INT32_MAX
-            assert state[0].count.dtype == jnp.int32
+            count = optax.tree.get(state, "count")
+            assert int(count) == INT32_MAX
+            assert count.dtype == jnp.int32
             chex.assert_trees_all_close(updates, ref_updates, rtol=1e-6)
 
 
