@@ -21,6 +21,7 @@ state without being told how it was built.
 import abc
 import dataclasses
 import math
+import sys
 import zlib
 from typing import Any
 
@@ -61,16 +62,30 @@ class StoredMoment:
 _META = ("format", "shape", "signed")
 
 
+_PENDING: list[type] = []  # Stored-leaf classes not yet known to flax.serialization.
+
+
 def register_stored(cls: type) -> type:
-    """Registers a stored-leaf dataclass with ``flax.serialization`` (when Flax is there).
+    """Registers a stored-leaf dataclass with ``flax.serialization`` once Flax is loaded.
 
     The state dict holds the arrays and the format's ``repr``, so restoring a
-    leaf into an optimizer with another format fails naming both.
+    leaf into an optimizer with another format fails naming both. Importing
+    optax_snr never imports Flax (an optional extra): the registration happens
+    here if Flax is already loaded, or else when a stored moment is first built
+    (:func:`init_moment`) after it has been.
     """
-    try:
-        import flax.serialization as fs
-    except ImportError:  # pragma: no cover - Flax is optional.
-        return cls
+    _PENDING.append(cls)
+    _register_with_flax()
+    return cls
+
+
+def _register_with_flax() -> None:
+    fs = sys.modules.get("flax.serialization")
+    while fs is not None and _PENDING:
+        _register(fs, _PENDING.pop())
+
+
+def _register(fs: Any, cls: type) -> None:
     fields = [f.name for f in dataclasses.fields(cls) if f.name not in _META]
 
     def to_state_dict(x):
@@ -97,7 +112,6 @@ def register_stored(cls: type) -> type:
         return dataclasses.replace(target, **arrays)
 
     fs.register_serialization_state(cls, to_state_dict, from_state_dict, override=True)
-    return cls
 
 
 class StorageFormat(abc.ABC):
@@ -161,6 +175,8 @@ def _seed(field: str, path: tuple[Any, ...]) -> int:
 
 def init_moment(spec: Any, params: Any, *, signed: bool, field: str) -> Any:
     """Zero moment buffers for ``params``: dense where ``spec`` is a dtype or ``None``."""
+    if isinstance(spec, StorageFormat):
+        _register_with_flax()  # Flax may have been imported after optax_snr.
 
     def leaf(path, p):
         if p is None:
@@ -250,7 +266,7 @@ def check_moment_state(stored: Any, spec: Any, updates: Any, *, stage: str, fiel
     """
 
     def check(path, u, s):
-        if u is None:
+        if u is None or s is None:  # A None state leaf: check_matching_trees names it.
             return
         where = f"{field}{jax.tree_util.keystr(path)}"
         if isinstance(spec, StorageFormat) and spec.stores(u):
