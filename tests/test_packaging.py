@@ -79,3 +79,9 @@ def test_api_reference_lists_every_public_name():
         listed.update(re.findall(r"^   ([A-Za-z_][A-Za-z0-9_]*)$", page.read_text(), flags=re.M))
     missing = sorted(set(optax_snr.__all__) - listed)
     assert not missing, f"add to a page in docs/api/: {missing}"
+
+
+def test_every_notebook_is_in_the_docs_toctree():
+    index = (helpers.REPO / "docs" / "index.md").read_text()
+    for notebook in sorted((helpers.REPO / "notebooks").glob("*.ipynb")):
+        assert f"notebooks/{notebook.stem}\n" in index, f"add {notebook.name} to docs/index.md"
