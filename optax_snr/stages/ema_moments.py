@@ -86,12 +86,9 @@ def ema_moments(
 
     def update_fn(updates, state, params=None):
         del params
-        stage = "ema_moments.update"
-        storage.check_moment_state(state.mu, mu_dtype, updates, stage=stage, field="mu")
-        storage.check_moment_state(state.nu, nu_dtype, updates, stage=stage, field="nu")
-        validation.check_matching_trees(updates, storage.logical(state.mu), stage)
-        validation.check_float_leaves(updates, "updates", stage)
-        updates = validation.array_leaves(updates)  # Python floats, as Optax takes them
+        updates = storage.checked_moment_updates(
+            updates, state, mu_dtype, nu_dtype, stage="ema_moments.update"
+        )
         mu = tree_ema(updates, storage.decode_moment(state.mu, updates), b1)
         nu = tree_ema(
             jax.tree.map(squared_magnitude, updates), storage.decode_moment(state.nu, updates), b2

@@ -36,6 +36,7 @@ __all__ = [
     "StoredMoment",
     "check_moment_state",
     "check_storage",
+    "checked_moment_updates",
     "decode_moment",
     "decode_moments",
     "describe",
@@ -287,3 +288,20 @@ def check_moment_state(stored: Any, spec: Any, updates: Any, *, stage: str, fiel
         if "the state's leaf" in str(e):
             raise
         # Other structure differences: validation.check_matching_trees names them.
+
+
+def checked_moment_updates(
+    updates: Any, state: Any, mu_spec: Any, nu_spec: Any, *, stage: str
+) -> Any:
+    """The checks a two-moment stage runs in ``update``; returns the updates as arrays.
+
+    The state's ``mu`` and ``nu`` must be stored as ``mu_spec`` and ``nu_spec``
+    say (a checkpoint of another format is refused, naming the leaf), the
+    updates must match the moments' tree and be floats, and Python float
+    leaves become arrays, as Optax takes them.
+    """
+    check_moment_state(state.mu, mu_spec, updates, stage=stage, field="mu")
+    check_moment_state(state.nu, nu_spec, updates, stage=stage, field="nu")
+    validation.check_matching_trees(updates, logical(state.mu), stage)
+    validation.check_float_leaves(updates, "updates", stage)
+    return validation.array_leaves(updates)
