@@ -158,3 +158,26 @@ def test_donation_benchmark_counts_the_copies_of_the_wrong_order(tmp_path):
         # The old order copies each rotated buffer (params, mu, nu) at least once.
         assert forms["fused_adam rotated (old order)"]["copies"] >= 3 * num_leaves
         assert all(f["median_ms"] > 0 for f in forms.values())
+
+
+def test_train_step_benchmark_runs_every_step(tmp_path):
+    out = tmp_path / "train_step.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"optax.adam", "optax_snr.adam", "optax_snr.fused_adam"}
+    assert results["optax.adam"]["ratio"] == 1.0
+    # The chain compiles to optax.adam's kernels, so the whole step's memory is the same.
+    assert results["optax_snr.adam"]["peak_mib"] == results["optax.adam"]["peak_mib"]
+    assert all(r["median_ms"] > 0 and r["peak_mib"] > 0 for r in results.values())
+    for name in results:
+        assert f"| `{name}` |" in proc.stdout
