@@ -18,7 +18,6 @@ import pytest
 from optax_snr.kernels import fused_adam as fused_module
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "step.py"
 
 OPTAX, SNR, FUSED = "optax.adam", "optax_snr.adam", "optax_snr.fused_adam"
 OPTIMIZER_FIELDS = {
@@ -42,19 +41,24 @@ OPTIMIZER_FIELDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def quick_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "step.json"
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``benchmarks/<script>`` on the default single CPU device; returns the process."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "step.json"
+    proc = run_benchmark("step.py", "--quick", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -116,38 +120,14 @@ def test_prints_the_markdown_table(quick_results):
 
 
 def test_unknown_shape_is_an_error():
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--shapes", "leaf,nope"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_benchmark("step.py", "--shapes", "leaf,nope", timeout=120)
     assert proc.returncode == 2
     assert "nope" in proc.stderr
 
 
 def test_donation_benchmark_counts_the_copies_of_the_wrong_order(tmp_path):
     out = tmp_path / "donation.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "donation.py"),
-            "--quick",
-            "--shapes",
-            "matrix,mlp",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_benchmark("donation.py", "--quick", "--shapes", "matrix,mlp", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["table"] in proc.stdout
@@ -162,16 +142,7 @@ def test_donation_benchmark_counts_the_copies_of_the_wrong_order(tmp_path):
 
 def test_train_step_benchmark_runs_every_step(tmp_path):
     out = tmp_path / "train_step.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_benchmark("train_step.py", "--quick", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"optax.adam", "optax_snr.adam", "optax_snr.fused_adam"}
