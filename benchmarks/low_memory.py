@@ -291,13 +291,9 @@ def peak_bytes(compiled) -> int:
     )
 
 
-def memory(args: argparse.Namespace) -> dict[str, Any]:
-    params = mlp()
-    n = sum(x.size for x in jax.tree.leaves(params))
-    x = jax.random.normal(jax.random.PRNGKey(1), (32, 2048))
-    y = jnp.zeros((32,), jnp.int32)
-    results = {}
-    rows = []
+def memory_contenders() -> dict[str, tuple[Any, Callable, Callable]]:
+    """``name -> (init, train_step, opt_step)``: the reference chains, and fused_adam's step."""
+    contenders = {}
     for name, tx in optimizers(1e-3).items():
 
         def train_step(params, state, x, y, tx=tx):
@@ -309,46 +305,72 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
+        contenders[name] = (tx.init, train_step, opt_step)
+    q8, q4 = optax_snr.quantized(bits=8), optax_snr.quantized(bits=4)
+    for name, fmt in [("f32", None), ("8-bit", q8), ("4-bit", q4)]:
+        # fused_adam's documented form: step(params, state, grads), donated in that order.
+        opt = optax_snr.fused_adam(1e-3, mu_dtype=fmt, nu_dtype=fmt)
+
+        def fused_train_step(params, state, x, y, opt=opt):
+            return opt.step(params, state, jax.grad(mlp_loss)(params, x, y))
+
+        contenders[f"{name}, fused_adam.step"] = (opt.init, fused_train_step, opt.step)
+    return contenders
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    params = mlp()
+    n = sum(x.size for x in jax.tree.leaves(params))
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 2048))
+    y = jnp.zeros((32,), jnp.int32)
+    grads = jax.tree.map(jnp.ones_like, params)
+    results, runs = {}, {}
+    contenders = memory_contenders()
+    if args.contenders:
+        contenders = {k: v for k, v in contenders.items() if k in args.contenders}
+    for name, (init, train_step, opt_step) in contenders.items():
         with jax.numpy_dtype_promotion("standard"):
-            state = tx.init(params)
-            step = jax.jit(train_step, donate_argnums=(0, 1))
-            compiled = step.lower(params, state, x, y).compile()
-            ostep = jax.jit(opt_step, donate_argnums=(0, 1))
-            grads = jax.tree.map(jnp.ones_like, params)
-            ocompiled = ostep.lower(params, state, grads).compile()
-        state_bytes = sum(a.nbytes for a in jax.tree.leaves(state))
-        times, otimes = [], []
-        p, s = jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state)
-        for i in range(args.reps + 2):
-            t0 = time.perf_counter()
-            p, s = compiled(p, s, x, y)
-            jax.block_until_ready(p)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        for i in range(args.reps + 2):
-            t0 = time.perf_counter()
-            p, s = ocompiled(p, s, grads)
-            jax.block_until_ready(p)
-            if i >= 2:
-                otimes.append(time.perf_counter() - t0)
+            state = init(params)
+            compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, x, y)
+            compiled = compiled.compile()
+            ocompiled = jax.jit(opt_step, donate_argnums=(0, 1)).lower(params, state, grads)
+            ocompiled = ocompiled.compile()
         results[name] = {
             "peak_bytes": peak_bytes(compiled),
             "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-            "state_bytes": state_bytes,
-            "step_ms": 1e3 * float(np.median(times)),
+            "state_bytes": sum(a.nbytes for a in jax.tree.leaves(state)),
             "opt_peak_bytes": peak_bytes(ocompiled),
-            "opt_ms": 1e3 * float(np.median(otimes)),
+            "opt_temp_bytes": ocompiled.memory_analysis().temp_size_in_bytes,
         }
-        rows.append(name)
-    base = results["optax.adam (f32)"]
+        p, s = jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state)
+        runs[name] = [compiled, ocompiled, p, s, [], []]
+    # Interleaved: each round times every contender once, so load from other
+    # processes falls on all of them alike. Two warm-up rounds are not timed.
+    for i in range(args.reps + 2):
+        for run in runs.values():
+            compiled, ocompiled, p, s, times, otimes = run
+            t0 = time.perf_counter()
+            p, s = compiled(p, s, x, y)
+            jax.block_until_ready(p)
+            t1 = time.perf_counter()
+            p, s = ocompiled(p, s, grads)
+            jax.block_until_ready(p)
+            t2 = time.perf_counter()
+            if i >= 2:
+                times.append(t1 - t0)
+                otimes.append(t2 - t1)
+            run[2], run[3] = p, s
+    for name, run in runs.items():
+        results[name]["step_ms"] = 1e3 * float(np.median(run[4]))
+        results[name]["opt_ms"] = 1e3 * float(np.median(run[5]))
+    base = results.get("optax.adam (f32)") or next(iter(results.values()))
     print(f"\n## Whole train step, MLP {n / 1e6:.1f}M params, batch 32, CPU\n")
     print(
         "| moments | state B/param | peak MB (ratio) | temp MB | step ms (ratio) "
         "| opt-only peak MB (ratio) | opt-only ms (ratio) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in rows:
-        r = results[name]
+    for name, r in results.items():
         print(
             f"| {name} | {r['state_bytes'] / n:.2f} "
             f"| {r['peak_bytes'] / 2**20:.1f} ({r['peak_bytes'] / base['peak_bytes']:.2f}) "
@@ -368,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=json.loads, default={}, help="e.g. '{\"lm\": 500}'")
     parser.add_argument("--lr-factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0])
     parser.add_argument("--reps", type=int, default=20, help="timed steps (memory)")
+    parser.add_argument(
+        "--contenders", nargs="+", help="memory: only these rows (default: all)", default=None
+    )
     parser.add_argument(
         "--floor", action="store_true", help="also train f32 Adam on other batches (noise floor)"
     )

@@ -1,6 +1,7 @@
 """Fused Adam step on CPU: update and apply in one pass over memory (experimental)."""
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import json
@@ -22,12 +23,15 @@ import optax
 
 from optax_snr.common.moments import correction, debias
 from optax_snr.optimizers.adam import adam
+from optax_snr.storage.quantized import Quantized, QuantizedMoment, block_layout
 
 __all__ = ["FusedAdam", "build_fused_kernel", "fused_adam"]
 
 _SOURCE = pathlib.Path(__file__).with_name("fused_adam.cc")
 _TARGET = "optax_snr_fused_adam"
 _SYMBOL = "OptaxSnrFusedAdam"
+_QUANTIZED_TARGET = "optax_snr_fused_adam_quantized"
+_QUANTIZED_SYMBOL = "OptaxSnrFusedAdamQuantized"
 _LEAVES_PER_CALL = 64
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c++17")
 
@@ -115,10 +119,11 @@ def _is_intact(library: pathlib.Path) -> bool:
 def _open(library: pathlib.Path) -> ctypes.CDLL:
     """dlopen (all symbols resolved now) and find the handler; OSError if either fails."""
     handle = ctypes.CDLL(str(library))
-    try:
-        getattr(handle, _SYMBOL)
-    except AttributeError as e:
-        raise OSError(f"{library} has no symbol {_SYMBOL}") from e
+    for symbol in (_SYMBOL, _QUANTIZED_SYMBOL):
+        try:
+            getattr(handle, symbol)
+        except AttributeError as e:
+            raise OSError(f"{library} has no symbol {symbol}") from e
     return handle
 
 
@@ -221,9 +226,10 @@ def build_fused_kernel() -> pathlib.Path:
 @functools.cache
 def _register() -> None:
     handle = _kernel()[1]
-    jax.ffi.register_ffi_target(
-        _TARGET, jax.ffi.pycapsule(getattr(handle, _SYMBOL)), platform="cpu"
-    )
+    for target, symbol in ((_TARGET, _SYMBOL), (_QUANTIZED_TARGET, _QUANTIZED_SYMBOL)):
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu"
+        )
 
 
 def _describe(state: Any) -> str:
@@ -284,6 +290,19 @@ def _is_float32(*arrays: Any) -> bool:
     return all(getattr(a, "dtype", None) == jnp.float32 for a in arrays)
 
 
+def _same_blocks(m: Any, v: Any) -> bool:
+    """Whether the kernel steps these moments: both quantized, in the same blocks."""
+    return (
+        isinstance(m, QuantizedMoment)
+        and isinstance(v, QuantizedMoment)
+        and isinstance(m.format, Quantized)
+        and isinstance(v.format, Quantized)
+        and m.signed
+        and not v.signed
+        and block_layout(m) == block_layout(v)
+    )
+
+
 def fused_adam(
     learning_rate: optax.ScalarOrSchedule,
     b1: jax.typing.ArrayLike = 0.9,
@@ -323,10 +342,22 @@ def fused_adam(
     (including the fused multiply-adds XLA emits on CPUs with FMA), so the
     results match ``update`` + ``apply_updates`` under ``jax.jit`` bit for bit
     in most leaves and within float32 rounding in all (XLA simplifies some
-    trees slightly differently; measured differences were below 1e-7). Leaves the kernel does not
-    handle take the reference path inside the same ``step``: non-float32 params,
-    gradients or moments (``mu_dtype``/``nu_dtype``), ``nesterov=True``, and
-    every leaf on a non-CPU backend. ``None`` gradients leave their param and
+    trees slightly differently; measured differences were below 1e-7).
+
+    **8- and 4-bit moments.** With ``mu_dtype`` and ``nu_dtype`` both
+    :func:`optax_snr.quantized` (8 or 4 bits each, the same ``block_size``), a
+    second kernel steps each quantized leaf block by block: it decodes the old
+    codes, steps at full precision, and writes the new codes and scales in
+    place, so no float32 moment of the leaf exists in memory at any time. At 8
+    bits it moves 16 bytes per parameter instead of 28. Its codes and scales
+    are those of the chain bit for bit (the same float operations), and the
+    params agree within float32 rounding. This is the form that makes the
+    saved state show up as a smaller peak: see ``benchmarks/README.md``.
+
+    Leaves the kernels do not handle take the reference path inside the same
+    ``step``: non-float32 params or gradients, moments in other dtypes or
+    formats (or quantized in different blocks), ``nesterov=True``, and every
+    leaf on a non-CPU backend. ``None`` gradients leave their param and
     moments unchanged, as in the chain. (``step`` runs the chain on every leaf
     and lets the kernel replace its results; under ``jax.jit`` XLA drops the
     chain's unused work, so call ``step`` jitted.)
@@ -344,9 +375,11 @@ def fused_adam(
       b2: decay of the noise EMA (second raw moment), in [0, 1).
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the first-moment buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format of the first-moment buffer (see
+        :func:`optax_snr.adam`); ``None`` keeps params'.
       nesterov: whether to use the look-ahead (Nadam) signal.
-      nu_dtype: dtype of the second-moment buffer; ``None`` keeps params'.
+      nu_dtype: dtype or storage format of the second-moment buffer; ``None``
+        keeps params'.
 
     Returns:
       A :class:`FusedAdam` ``(init, update, step)``.
@@ -385,6 +418,10 @@ def fused_adam(
             use_kernel and g is not None and _is_float32(p, g, m, v)
             for p, g, m, v in zip(p_leaves, g_leaves, m_leaves, v_leaves, strict=True)
         ]
+        quantized = [
+            use_kernel and g is not None and _is_float32(p, g) and _same_blocks(m, v)
+            for p, g, m, v in zip(p_leaves, g_leaves, m_leaves, v_leaves, strict=True)
+        ]
         # The reference chain steps every leaf and the counters; the kernel then
         # replaces the kernel's leaves. Under jit XLA drops the chain's work on
         # those leaves, whose results are never used (a test counts the loops).
@@ -395,7 +432,7 @@ def fused_adam(
             updates,
             is_leaf=is_none,
         )
-        if not any(fast):
+        if not any(fast) and not any(quantized):
             return new_params, new_state
 
         _register()
@@ -419,9 +456,9 @@ def fused_adam(
         p_new = treedef.flatten_up_to(new_params)
         m_new = treedef.flatten_up_to(optax.tree.get(new_state, "mu"))
         v_new = treedef.flatten_up_to(optax.tree.get(new_state, "nu"))
-        index = [i for i, f in enumerate(fast) if f]
         # XLA's compile time grows faster than linearly in one custom call's
         # aliased operands, so the leaves go in groups (one call per group).
+        index = [i for i, f in enumerate(fast) if f]
         for start in range(0, len(index), _LEAVES_PER_CALL):
             group = index[start : start + _LEAVES_PER_CALL]
             operands, results, aliases = [scalars], [], {}
@@ -436,6 +473,26 @@ def fused_adam(
             out = kernel(*operands)
             for k, i in enumerate(group):
                 p_new[i], m_new[i], v_new[i] = out[3 * k], out[3 * k + 1], out[3 * k + 2]
+        index = [i for i, q in enumerate(quantized) if q]
+        for start in range(0, len(index), _LEAVES_PER_CALL):
+            group = index[start : start + _LEAVES_PER_CALL]
+            operands, results, aliases, layout = [scalars], [], {}, []
+            for k, i in enumerate(group):
+                m, v = m_leaves[i], v_leaves[i]
+                arrays = [p_leaves[i], m.codes, m.scales, v.codes, v.scales]
+                operands += [p_leaves[i], g_leaves[i], *arrays[1:]]
+                results += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+                # Operand 1 + 6k + j (p, then skipping g, the codes and scales) is result 5k + j.
+                aliases.update({1 + 6 * k + j + (j > 0): 5 * k + j for j in range(5)})
+                layout += [*block_layout(m), m.format.bits, v.format.bits]
+            kernel = jax.ffi.ffi_call(
+                _QUANTIZED_TARGET, results, input_output_aliases=aliases, vmap_method="sequential"
+            )
+            out = kernel(*operands, layout=np.asarray(layout, np.int64))
+            for k, i in enumerate(group):
+                p_new[i], mc, ms, vc, vs = out[5 * k : 5 * k + 5]
+                m_new[i] = dataclasses.replace(m_leaves[i], codes=mc, scales=ms)
+                v_new[i] = dataclasses.replace(v_leaves[i], codes=vc, scales=vs)
         new_state = optax.tree.set(
             new_state, mu=treedef.unflatten(m_new), nu=treedef.unflatten(v_new)
         )

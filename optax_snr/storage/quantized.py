@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from optax_snr.storage.base import StorageFormat, StoredMoment, register_stored
 
-__all__ = ["Quantized", "QuantizedMoment", "quantized"]
+__all__ = ["Quantized", "QuantizedMoment", "block_layout", "quantized"]
 
 
 @register_stored
@@ -201,3 +201,10 @@ def quantized(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
         raise ValueError(f"min_size must be an integer >= 0, got {min_size!r}.")
     return Quantized(bits=bits, block_size=block_size, min_size=min_size)
+
+
+def block_layout(stored: QuantizedMoment) -> tuple[int, int, int, int]:
+    """``(rows, length, count, size)`` of a stored leaf: its leading axes flattened
+    into rows, the last axis's length, and the number and size of its blocks."""
+    *lead, length = stored.shape
+    return (math.prod(lead), length, *_blocks(length, stored.format.block_size))

@@ -29,6 +29,7 @@ from absl.testing import parameterized
 
 import optax_snr
 from optax_snr.kernels import fused_adam as fused
+from optax_snr.storage.base import is_stored
 
 NUM_STEPS = 5
 RTOL, ATOL = 1e-6, 1e-7
@@ -534,12 +535,150 @@ if __name__ == "__main__":
     pytest.main([__file__])
 
 
-def test_storage_formats_take_the_reference_chain():
-    """Stored moments (here 8-bit) are not the kernel's float32 buffers: step runs the chain."""
-    fmt = optax_snr.quantized(bits=8, min_size=0)
+def quantized_run(opt, params, num_steps=4, seed=0):
+    """``opt.step`` jitted and donated, and the jitted reference chain, on the same gradients.
+
+    The gradients do not depend on the params, so the moments of both runs see
+    the same inputs at every step and their codes can be compared exactly.
+    """
+    rng = np.random.default_rng(seed)
+    ref_step = jax.jit(lambda p, s, g: reference_step(opt, p, s, g))
+    fused_step = jax.jit(opt.step, donate_argnums=(0, 1))
+    ref = (params, opt.init(params))
+    fast = (jax.tree.map(jnp.copy, params), opt.init(params))
+    for _ in range(num_steps):
+        # Gradients over five orders of magnitude, so the blocks' code maps are exercised.
+        grads = jax.tree.map(
+            lambda p: jnp.asarray(
+                rng.normal(size=p.shape) * 10.0 ** rng.integers(-4, 1, size=p.shape), jnp.float32
+            ),
+            params,
+        )
+        ref = ref_step(*ref, grads)
+        fast = fused_step(*fast, grads)
+    return ref, fast
+
+
+def quantized_tree():
+    k = jax.random.split(jax.random.PRNGKey(7), 4)
+    return {
+        "matrix": jax.random.normal(k[0], (64, 300)),  # 300 = 2 blocks of 150 at 8 bits.
+        "odd": jax.random.normal(k[1], (3, 5, 333)),  # Odd rows: a 4-bit byte spans blocks.
+        "flat": jax.random.normal(k[2], (70_001,)),  # Split across threads; odd length.
+        "small": jax.random.normal(k[3], (10,)),  # Below min_size: float32, the f32 kernel.
+    }
+
+
+class QuantizedKernelTest(chex.TestCase):
+    """fused_adam.step on 8- and 4-bit moments: decode, step and encode in one pass."""
+
+    @parameterized.named_parameters(
+        (
+            "8_bit",
+            optax_snr.quantized(bits=8, min_size=64),
+            optax_snr.quantized(bits=8, min_size=64),
+        ),
+        (
+            "4_bit",
+            optax_snr.quantized(bits=4, min_size=64),
+            optax_snr.quantized(bits=4, min_size=64),
+        ),
+        (
+            "8_bit_signal_4_bit_noise",
+            optax_snr.quantized(bits=8, block_size=128, min_size=64),
+            optax_snr.quantized(bits=4, block_size=128, min_size=64),
+        ),
+        (
+            "odd_blocks",
+            optax_snr.quantized(bits=4, block_size=7, min_size=64),
+            optax_snr.quantized(bits=4, block_size=7, min_size=64),
+        ),
+    )
+    def test_matches_the_reference_chain(self, mu_dtype, nu_dtype):
+        opt = optax_snr.fused_adam(1e-2, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+        tree = quantized_tree()
+        hlo = jax.jit(opt.step).lower(tree, opt.init(tree), tree).compile().as_text()
+        self.assertIn(fused._QUANTIZED_TARGET, hlo)  # The kernel steps the big leaves.
+        (ref_params, ref_state), (params, state) = quantized_run(opt, tree)
+        # The same codes and scales, bit for bit; the params within float32 rounding.
+        for name in ("mu", "nu"):
+            got, want = optax.tree.get(state, name), optax.tree.get(ref_state, name)
+            self.assertIsInstance(got["matrix"], optax_snr.QuantizedMoment)
+            self.assertIsInstance(got["small"], jax.Array)
+            chex.assert_trees_all_equal(got, want)
+        chex.assert_trees_all_close(params, ref_params, rtol=RTOL, atol=ATOL)
+        self.assertEqual(int(adam_count(state)), 4)
+
+    def test_kernel_is_used_and_the_documented_form_has_no_copies(self):
+        fmt = optax_snr.quantized(bits=8)
+        opt = optax_snr.fused_adam(1e-3, mu_dtype=fmt, nu_dtype=fmt)
+        params = {"w": jnp.linspace(-1.0, 1.0, 512 * 512).reshape(512, 512), "b": jnp.zeros(512)}
+        state, grads = opt.init(params), jax.tree.map(lambda p: 0.5 * p, params)
+        step = jax.jit(opt.step, donate_argnums=(0, 1))
+        compiled = step.lower(params, state, grads).compile()
+        hlo = compiled.as_text()
+        self.assertEqual(hlo.count(f'custom_call_target="{fused._QUANTIZED_TARGET}"'), 1)
+        self.assertEqual(full_size_copies(hlo, 512), [])
+        # In place: no float32 moment of the big leaf is ever materialized.
+        self.assertLess(compiled.memory_analysis().temp_size_in_bytes, 512 * 512)
+        old_codes = state[0].mu["w"].codes
+        _, new_state = step(params, state, grads)
+        self.assertTrue(old_codes.is_deleted())
+        self.assertEqual(new_state[0].mu["w"].codes.dtype, jnp.uint8)
+
+    def test_moments_in_other_blocks_take_the_reference_chain(self):
+        # The kernel needs the signal and the noise cut into the same blocks.
+        opt = optax_snr.fused_adam(
+            1e-2,
+            mu_dtype=optax_snr.quantized(bits=8, block_size=64, min_size=0),
+            nu_dtype=optax_snr.quantized(bits=8, block_size=32, min_size=0),
+        )
+        params = {"w": jnp.linspace(-1.0, 1.0, 256).reshape(4, 64)}
+        state = opt.init(params)
+        hlo = jax.jit(opt.step).lower(params, state, params).compile().as_text()
+        self.assertNotIn(fused._QUANTIZED_TARGET, hlo)
+        (ref_params, ref_state), (got_params, got_state) = quantized_run(opt, params)
+        chex.assert_trees_all_equal((got_params, got_state), (ref_params, ref_state))
+
+    def test_a_nan_gradient_poisons_its_block_as_in_the_chain(self):
+        fmt = optax_snr.quantized(bits=8, block_size=16, min_size=0)
+        opt = optax_snr.fused_adam(1e-2, mu_dtype=fmt, nu_dtype=fmt)
+        params = {"w": jnp.ones((2, 32))}
+        grads = {"w": jnp.full((2, 32), 0.1).at[1, 20].set(jnp.nan)}
+        ref = jax.jit(lambda p, s, g: reference_step(opt, p, s, g))(params, opt.init(params), grads)
+        got = jax.jit(opt.step)(params, opt.init(params), grads)
+        for p, s in (ref, got):
+            mu = optax_snr.decode_moments(s)[0].mu["w"]
+            # Only the block that saw the NaN (row 1, entries 16-31) is NaN.
+            nan = np.isnan(np.asarray(mu))
+            self.assertTrue(nan[1, 16:].all())
+            self.assertFalse(nan[0].any() or nan[1, :16].any())
+            self.assertTrue(np.isnan(np.asarray(p["w"][1, 20])))
+        chex.assert_trees_all_equal(got[1][0].mu["w"].scales, ref[1][0].mu["w"].scales)
+
+    def test_work_split_across_threads_is_exact(self):
+        # One big leaf, and the same data as many leaves, give the same codes:
+        # every block is stepped exactly once whatever thread takes it.
+        fmt = optax_snr.quantized(bits=4, block_size=100, min_size=0)
+        opt = optax_snr.fused_adam(1e-2, mu_dtype=fmt, nu_dtype=fmt)
+        values = jax.random.normal(jax.random.PRNGKey(3), (40, 10_000))
+        big = {"w": values}
+        small = {f"w{i:02d}": row[None] for i, row in enumerate(values)}
+        step = jax.jit(opt.step)
+        _, big_state = step(big, opt.init(big), big)
+        _, small_state = step(small, opt.init(small), small)
+        np.testing.assert_array_equal(
+            np.asarray(big_state[0].nu["w"].codes),
+            np.concatenate([np.asarray(small_state[0].nu[k].codes) for k in sorted(small)]),
+        )
+
+
+def test_other_formats_take_the_reference_chain():
+    """Moments the kernel does not read (here bf16 stochastic rounding) step through the chain."""
+    fmt = optax_snr.stochastic_rounding(jnp.bfloat16)
     opt = optax_snr.fused_adam(1e-2, mu_dtype=fmt, nu_dtype=fmt)
     ref = optax_snr.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt)
-    params = {"w": jnp.linspace(-1.0, 1.0, 512).reshape(16, 32), "b": jnp.ones(32)}
+    params = {"w": jnp.linspace(-1.0, 1.0, 8192).reshape(64, 128), "b": jnp.ones(32)}
     state, ref_state, ref_params = opt.init(params), ref.init(params), params
     step = jax.jit(opt.step, donate_argnums=(0, 1))
     for t in range(3):
@@ -547,7 +686,7 @@ def test_storage_formats_take_the_reference_chain():
         updates, ref_state = ref.update(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
         params, state = step(params, state, grads)
-    assert isinstance(state[0].mu["w"], optax_snr.QuantizedMoment)
+    assert is_stored(state[0].mu["w"]) and state[0].mu["w"].format == fmt
     chex.assert_trees_all_close(params, ref_params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(
         optax_snr.decode_moments(state), optax_snr.decode_moments(ref_state), rtol=1e-6
