@@ -319,9 +319,9 @@ def memory_contenders() -> dict[str, tuple[Any, Callable, Callable]]:
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
-    params = mlp()
+    params = mlp(width=args.width, features=args.width)
     n = sum(x.size for x in jax.tree.leaves(params))
-    x = jax.random.normal(jax.random.PRNGKey(1), (32, 2048))
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, args.width))
     y = jnp.zeros((32,), jnp.int32)
     grads = jax.tree.map(jnp.ones_like, params)
     results, runs = {}, {}
@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20, help="timed steps (memory)")
     parser.add_argument(
         "--contenders", nargs="+", help="memory: only these rows (default: all)", default=None
+    )
+    parser.add_argument(
+        "--width", type=int, default=2048, help="memory: the MLP's width (2048: 16.8M params)"
     )
     parser.add_argument(
         "--floor", action="store_true", help="also train f32 Adam on other batches (noise floor)"

@@ -152,3 +152,22 @@ def test_train_step_benchmark_runs_every_step(tmp_path):
     assert all(r["median_ms"] > 0 and r["peak_mib"] > 0 for r in results.values())
     for name in results:
         assert f"| `{name}` |" in proc.stdout
+
+
+def test_low_memory_benchmark_reports_every_contender(tmp_path):
+    out = tmp_path / "low_memory.json"
+    proc = run_benchmark(
+        "low_memory.py", "memory", "--width", "256", "--reps", "1", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) >= {"optax.adam (f32)", "8-bit", "4-bit", "8-bit, fused_adam.step"}
+    for name, r in results.items():
+        assert f"| {name} |" in proc.stdout
+        assert r["step_ms"] > 0 and r["opt_ms"] > 0
+    base = results["optax.adam (f32)"]
+    # 8 bytes of moments per parameter in float32; 1 + 1 (+ scales) at 8 bits, less at 4.
+    assert base["state_bytes"] > 3.5 * results["8-bit"]["state_bytes"]
+    assert results["8-bit"]["state_bytes"] > 1.8 * results["4-bit"]["state_bytes"]
+    # The kernel keeps no float32 moments: its whole step peaks below float32 Adam's.
+    assert results["8-bit, fused_adam.step"]["peak_bytes"] < base["peak_bytes"]
