@@ -3,10 +3,12 @@
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_snr.storage.base import StorageFormat, StoredMoment, register_stored
 
@@ -87,17 +89,93 @@ def _levels(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2**bits
 
 
+class _Split(NamedTuple):
+    """How explicit sharding splits a leaf's last axis, and whether its blocks follow.
+
+    On a mesh with ``AxisType.Explicit`` axes a reshape of a sharded axis must
+    say how its result is sharded, and can only split that axis where every
+    shard holds whole blocks. When it does (``aligned``: no padding, the
+    shards hold equally many blocks, and, at 4 bits, an even number of codes)
+    the blocks are cut in place and keep the leaf's sharding. Otherwise the
+    last axis is gathered for the block arithmetic, and the results are put
+    back on the leaf's axes where their length allows (else replicated along
+    that axis, as XLA's propagation leaves them on an auto-sharded mesh).
+    """
+
+    mesh: Any  # The (abstract) mesh of the leaf's sharding.
+    lead: tuple[Any, ...]  # The partition spec of the leading axes.
+    last: Any  # The mesh axis (or axes) that split the last axis.
+    shards: int  # How many pieces the last axis is split into.
+    aligned: bool
+
+    def sharding(self, *tail: Any) -> NamedSharding:
+        return NamedSharding(self.mesh, P(*self.lead, *tail))
+
+    def gather(self, x: jax.Array) -> jax.Array:
+        """``x`` with its last axis whole on every device (leading axes as they were)."""
+        return jax.sharding.reshard(x, self.sharding(None))
+
+    def place(self, x: jax.Array) -> jax.Array:
+        """``x`` sharded along its last axis as the leaf is, if its length divides."""
+        last = self.last if x.shape[-1] % self.shards == 0 else None
+        return jax.sharding.reshard(x, self.sharding(last))
+
+
+def _split(x: jax.Array, length: int, count: int, size: int, bits: int) -> _Split | None:
+    """The explicit sharding of ``x``'s last axis; ``None`` if it has none."""
+    sharding = jax.typeof(x).sharding
+    spec = tuple(getattr(sharding, "spec", ()))
+    if x.ndim == 0 or len(spec) != x.ndim or spec[-1] is None:
+        return None  # Unsharded, or sharded by XLA's propagation (AxisType.Auto).
+    names = (spec[-1],) if isinstance(spec[-1], str) else tuple(spec[-1])
+    shards = math.prod(sharding.mesh.shape[name] for name in names)
+    if shards == 1:
+        return None
+    aligned = (
+        count * size == length
+        and count % shards == 0
+        and (bits == 8 or (length // shards) % 2 == 0)
+    )
+    return _Split(sharding.mesh, spec[:-1], spec[-1], shards, aligned)
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...], split: _Split | None) -> jax.Array:
+    """``x.reshape(shape)``; with a split last axis, sharded along the first new axis."""
+    if split is None:
+        return x.reshape(shape)
+    tail = [split.last] + [None] * (len(shape) - len(split.lead) - 1)
+    return jnp.reshape(x, shape, out_sharding=split.sharding(*tail))
+
+
+def _to_blocks(x: jax.Array, count: int, size: int, split: _Split | None) -> jax.Array:
+    """``(*lead, length)`` to ``(*lead, count, size)``, zero-padded."""
+    *lead, length = x.shape
+    if count * size > length:
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, count * size - length)])
+    return _reshape(x, (*lead, count, size), split)
+
+
+def _from_blocks(x: jax.Array, length: int, split: _Split | None) -> jax.Array:
+    """``(*lead, count, size)`` back to ``(*lead, length)``, the padding dropped."""
+    *lead, count, size = x.shape
+    x = _reshape(x, (*lead, count * size), split)
+    return x if count * size == length else x[..., :length]
+
+
 # Jitted (inlined into an enclosing jit) so that the block reshapes of a sharded
 # leaf are left to XLA's sharding propagation, also when called eagerly.
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _encode(x, bits, block_size, shape, signed):
-    *lead, length = shape
+    length = shape[-1]
     count, size = _blocks(length, block_size)
-    pad = count * size - length
     x = x.astype(jnp.float32)
+    split = _split(x, length, count, size, bits)
+    if split is not None and not split.aligned:
+        x = split.gather(x)
+    inplace = split if split is not None and split.aligned else None
     if not signed:
         x = jnp.maximum(x, 0.0)
-    blocks = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
+    blocks = _to_blocks(x, count, size, inplace)
     scales = jnp.max(jnp.abs(blocks), axis=-1)
     safe = jnp.where(scales > 0, scales, 1.0)[..., None]
     levels = jnp.asarray(_levels(bits, signed), jnp.float32)
@@ -107,18 +185,27 @@ def _encode(x, bits, block_size, shape, signed):
     else:  # k = round(N (v / a)^(1/4)) - 1, at least 0.
         k = jnp.round(levels * jnp.sqrt(jnp.sqrt(blocks / safe))) - 1.0
         codes = jnp.clip(k, 0.0, levels - 1.0)
-    codes = codes.astype(jnp.uint8).reshape(*lead, count * size)[..., :length]
+    codes = _from_blocks(codes.astype(jnp.uint8), length, inplace)
     if bits == 4:
-        codes = _pack(codes)
+        codes = _pack(codes, inplace)
+    if split is not None:
+        codes, scales = split.place(codes), split.place(scales)
     return codes, scales
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _decode(codes, scales, bits, block_size, shape, signed):
-    *lead, length = shape
+    length = shape[-1]
     count, size = _blocks(length, block_size)
+    split = _split(codes, length, count, size, bits) or _split(scales, length, count, size, bits)
+    inplace = None
+    if split is not None and split.aligned:  # codes and scales sharded as encode left them
+        inplace = split
+        codes, scales = split.place(codes), split.place(scales)
+    elif split is not None:
+        codes, scales = split.gather(codes), split.gather(scales)
     if bits == 4:
-        codes = _unpack(codes, length)
+        codes = _unpack(codes, length, inplace)
     codes = codes.astype(jnp.float32)
     levels = jnp.asarray(_levels(bits, signed), jnp.float32)
     if signed:
@@ -126,24 +213,24 @@ def _decode(codes, scales, bits, block_size, shape, signed):
         unit = jnp.sign(k) * jnp.square(k / levels)
     else:
         unit = jnp.square(jnp.square((codes + 1.0) / levels))
-    pad = count * size - length
-    unit = jnp.pad(unit, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
-    x = unit * scales[..., None]
-    return x.reshape(*lead, count * size)[..., :length]
+    x = _to_blocks(unit, count, size, inplace) * scales[..., None]
+    x = _from_blocks(x, length, inplace)
+    return x if split is None or split.aligned else split.place(x)
 
 
-def _pack(codes: jax.Array) -> jax.Array:
+def _pack(codes: jax.Array, split: _Split | None = None) -> jax.Array:
     """Two 4-bit codes per byte along the last axis (an odd axis gets one pad code)."""
     *lead, length = codes.shape
     if length % 2:
         codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, 1)])
-    pairs = codes.reshape(*lead, -1, 2)
+    pairs = _reshape(codes, (*lead, (length + 1) // 2, 2), split)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
-def _unpack(packed: jax.Array, length: int) -> jax.Array:
+def _unpack(packed: jax.Array, length: int, split: _Split | None = None) -> jax.Array:
     codes = jnp.stack([packed & 15, packed >> 4], axis=-1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :length]
+    codes = _reshape(codes, (*packed.shape[:-1], 2 * packed.shape[-1]), split)
+    return codes if codes.shape[-1] == length else codes[..., :length]
 
 
 def quantized(bits: int = 8, block_size: int | None = None, *, min_size: int = 4096) -> Quantized:
