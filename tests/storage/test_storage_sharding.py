@@ -39,7 +39,7 @@ def spec(entries) -> str:
 
 
 @pytest.fixture(scope="module")
-def measured():
+def worker():
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
@@ -54,7 +54,12 @@ def measured():
     assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["device_count"] == 8
-    return result["runs"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def measured(worker):
+    return worker["runs"]
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -107,3 +112,24 @@ def test_scales_shard_with_the_blocks(measured, run):
         # A 256-entry bias has 4 blocks of 64: they cannot split over 8 devices.
         expected = "P()" if kind == "1d" else spec(LEAF_SPECS[kind]["bias"])
         assert specs[f"bias/{moment}.scales"] == expected
+
+
+ENCODES = [
+    f"{case}/{bits}/{moment}/{mode}"
+    for case in ("8x120", "8x104")
+    for bits in (8, 4)
+    for moment in ("signed", "positive")
+    for mode in ("eager", "jit")
+]
+
+
+@pytest.mark.parametrize("key", ENCODES)
+def test_blocks_that_straddle_shards_encode_as_on_one_device(worker, key):
+    bits = key.split("/")[1]
+    got = worker["encode"][key]
+    assert got["equal"]
+    # Shards of 15 or 13 entries cannot hold whole bytes of 4-bit codes: the
+    # last axis is gathered, and the codes stay replicated along it.
+    codes = "P()" if bits == "4" else "P(None, 'fsdp')"
+    assert (got["codes"], got["decoded"]) == (codes, codes)
+    assert got["scales"] == "P()"  # 2 or 3 blocks cannot split over 8 devices
