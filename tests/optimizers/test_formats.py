@@ -210,3 +210,24 @@ def test_ademamix_nu_follows_mu_dtype_unless_nu_dtype_is_given():
     state = optax_snr.ademamix(LEARNING_RATE, mu_dtype=q8, nu_dtype=jnp.float32).init(init_params())
     chex.assert_type(state[0].nu["w"], jnp.float32)
     assert isinstance(state[0].m2["w"], optax_snr.QuantizedMoment)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_fused_adam_step_with_a_format_equals_update_and_apply(fmt):
+    # Stored leaves take the reference chain inside ``step``; dense float32
+    # leaves (factored's bias) take the kernel.
+    opt = build("fused_adam", fmt)
+    params = {"w": jnp.full((16, 32), 0.5, jnp.float32), "b": jnp.full((32,), -0.5, jnp.float32)}
+    state = opt.init(params)
+    grads = jax.grad(loss)(params)
+
+    @jax.jit
+    def reference(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    want = reference(params, state, grads)
+    got = jax.jit(opt.step)(params, state, grads)
+    chex.assert_trees_all_equal_structs(got, want)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    assert isinstance(got[1][0].nu["w"], FORMATS[fmt][2])
