@@ -68,10 +68,15 @@ def test_the_sharded_run_equals_the_unsharded_one(measured, run):
 
 
 @pytest.mark.parametrize("run", EXPLICIT)
-def test_explicit_meshes_work_eagerly_and_keep_every_type(measured, run):
-    assert measured[run]["eager_max_abs_diff"] <= 1e-6
+def test_explicit_meshes_keep_every_type(measured, run):
     # The state's sharded types after init equal those after the steps (no retrace).
     assert measured[run]["type_changes"] == []
+
+
+@pytest.mark.parametrize("run", [r for r in EXPLICIT if "/1d/" in r])
+def test_explicit_meshes_work_eagerly(measured, run):
+    assert measured[run]["eager_max_abs_diff"] <= 1e-6
+    # Eager and jitted init, and the eager step, give the same sharded types.
     assert measured[run]["eager_type_changes"] == []
 
 
@@ -119,7 +124,7 @@ ENCODES = [
     for case in ("8x120", "8x104")
     for bits in (8, 4)
     for moment in ("signed", "positive")
-    for mode in ("eager", "jit")
+    for mode in (("eager", "jit") if case == "8x120" else ("jit",))
 ]
 
 
