@@ -100,7 +100,9 @@ class _Split(NamedTuple):
     place and only these maxima (one per unit, not per entry) are gathered to
     form the blocks' scales. Codes keep the leaf's sharding; scales too when
     the shards hold equally many blocks, else they are replicated along the
-    last axis, as XLA's propagation leaves them on an auto-sharded mesh.
+    last axis, as XLA's propagation leaves them on an auto-sharded mesh. At
+    4 bits a shard of odd length cannot hold whole bytes: there (and only
+    there) the last axis is gathered and the codes stay replicated along it.
     """
 
     mesh: Any  # The (abstract) mesh of the leaf's sharding.
