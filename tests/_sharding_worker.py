@@ -180,6 +180,54 @@ def check_explicit_types() -> dict[str, Any]:
     return {"explicit_mismatches": mismatches, "explicit_leaves_checked": checked, "spec": spec}
 
 
+def explicit_format_optimizers() -> dict[str, optax.GradientTransformation]:
+    """Optimizers whose own arguments take storage formats (every leaf stored)."""
+    q8 = optax_snr.quantized(bits=8, block_size=4, min_size=0)
+    q4 = optax_snr.quantized(bits=4, block_size=4, min_size=0)
+    return {
+        "amsgrad": optax_snr.amsgrad(LEARNING_RATE, mu_dtype=q8, nu_dtype=q4),
+        "adabelief": optax_snr.adabelief(
+            LEARNING_RATE, mu_dtype=q4, nu_dtype=optax_snr.factored(min_dim_size=8)
+        ),
+        "adopt": optax_snr.adopt(
+            LEARNING_RATE, mu_dtype=optax_snr.stochastic_rounding(), nu_dtype=q8
+        ),
+    }
+
+
+def check_explicit_formats() -> dict[str, Any]:
+    """Storage formats through optimizers' arguments on an explicit FSDP mesh, jitted.
+
+    The 1-D mesh's leaves take every block layout: rows split (hidden kernel),
+    two entries per shard in blocks of 4 (bias), one entry per shard (out
+    kernel: 4-bit codes gathered along it).
+    """
+    mismatches, diffs, checked = [], {}, 0
+    x, y = make_batch()
+    mesh = make_mesh("1d", AxisType.Explicit)
+    for name, tx in explicit_format_optimizers().items():
+        step = make_step(tx, donate=False)
+        params, state = make_params(), tx.init(make_params())
+        for _ in range(5):
+            params, state = step(params, state, x, y)
+        with jax.set_mesh(mesh):
+            first = shard(make_params(), mesh, param_specs("1d"))
+            first_state = jax.jit(tx.init)(first)
+            xs, ys = (jax.device_put(a, NamedSharding(mesh, P())) for a in (x, y))
+            sharded, sharded_state = first, first_state
+            for _ in range(5):
+                sharded, sharded_state = step(sharded, sharded_state, xs, ys)
+            mismatches += type_mismatches(sharded_state, first_state, f"{name}/state")
+            mismatches += type_mismatches(sharded, first, f"{name}/params")
+            checked += len(jax.tree.leaves(sharded_state))
+        diffs[name] = max_abs_diff((sharded, sharded_state), (params, state))
+    return {
+        "explicit_formats_mismatches": mismatches,
+        "explicit_formats_diffs": diffs,
+        "explicit_formats_leaves_checked": checked,
+    }
+
+
 def check_donated_train_step() -> dict[str, Any]:
     """20 donated, jitted steps on a 2-D mesh keep shardings and match one device."""
     tx = optax_snr.adam(LEARNING_RATE)
@@ -308,6 +356,7 @@ def main(argv: list[str]) -> None:
     if argv[1] == "sharding":
         result.update(check_init_shardings())
         result.update(check_explicit_types())
+        result.update(check_explicit_formats())
         result.update(check_donated_train_step())
         result.update(check_shard_map_data_parallel())
     elif argv[1] == "checkpoint":

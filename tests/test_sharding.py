@@ -3,9 +3,11 @@
 The device count must be fixed before JAX starts, and ``conftest.py`` has
 started it in this process, so the checks run once in a fresh interpreter
 (``_sharding_worker.py``); this module asserts on what it measured. Covered:
-FSDP (1-D) and data x model (2-D) meshes, explicit sharding under ``jax.jit``,
-a donated train step against an unsharded run, and ``shard_map`` data
-parallelism with ``jax.lax.pmean`` against a single device.
+FSDP (1-D) and data x model (2-D) meshes, explicit sharding under ``jax.jit``
+(also with storage formats given to the optimizers; the formats' own layouts
+are checked in ``storage/test_storage_sharding.py``), a donated train step
+against an unsharded run, and ``shard_map`` data parallelism with
+``jax.lax.pmean`` against a single device.
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ def test_explicit_sharding_jit_init_and_update_keep_sharded_types(measured):
     # 2 meshes x (4 mu + 4 nu + count + 4 updates) leaves were compared.
     assert measured["explicit_leaves_checked"] == 26
     assert measured["spec"] == "float32[16@data,8@model]"
+
+
+def test_storage_formats_through_optimizer_arguments_on_an_explicit_mesh(measured):
+    # amsgrad (8-bit mu, 4-bit nu and nu_max), adabelief (4-bit mu, factored nu),
+    # adopt (stochastically rounded mu, 8-bit nu): jitted init and 5 jitted steps.
+    assert measured["explicit_formats_mismatches"] == []
+    assert measured["explicit_formats_leaves_checked"] == 51
+    for name, diff in measured["explicit_formats_diffs"].items():
+        assert diff <= TOLERANCE, name
 
 
 def test_donated_train_step_keeps_shardings(measured):

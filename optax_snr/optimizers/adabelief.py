@@ -20,6 +20,8 @@ def adabelief(
     eps_root: jax.typing.ArrayLike = 1e-16,
     *,
     nesterov: bool = False,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaBelief: a drop-in for :func:`optax.adabelief`; Adam's chain with a centered noise.
 
@@ -44,6 +46,11 @@ def adabelief(
         default is ``1e-8`` with ``eps_root=0``.
       eps_root: added to the noise buffer at every step, ``>= 0``.
       nesterov: whether to use the look-ahead (Nesterov) signal.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the signal buffer ``mu``; ``None`` keeps params'.
+      nu_dtype: dtype or storage format of the centered-noise buffer ``nu``
+        (also :func:`optax_snr.factored`); ``None`` keeps params'. (Optax's
+        ``adabelief`` has neither option; both are keyword-only here.)
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -71,7 +78,7 @@ def adabelief(
     return optax.chain(
         chain_as(  # the three stages' states as one optax.ScaleByBeliefState(count, mu, nu)
             optax.ScaleByBeliefState,
-            centered_moments(b1, b2, eps_root),  # signal m, centered noise s
+            centered_moments(b1, b2, eps_root, mu_dtype, nu_dtype=nu_dtype),  # signal m, noise s
             bias_correction(b1, b2, nesterov=nesterov),  # m_hat, s_hat; owns count
             scale_by_snr(eps, eps_root=0.0),  # m_hat / (sqrt(s_hat) + eps)
         ),

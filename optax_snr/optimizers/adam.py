@@ -37,9 +37,11 @@ def scale_by_adam(
       b2: decay of the noise EMA (second raw moment), in [0, 1).
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the first-moment buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the first-moment buffer; ``None`` keeps params'.
       nesterov: whether to use the look-ahead (Nadam) signal.
-      nu_dtype: dtype of the second-moment buffer; ``None`` keeps params'.
+      nu_dtype: dtype or storage format of the second-moment buffer (also
+        :func:`optax_snr.factored`); ``None`` keeps params'.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -89,9 +91,11 @@ def adam(
       b2: decay of the noise EMA (second raw moment), in [0, 1).
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the first-moment buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the first-moment buffer; ``None`` keeps params'.
       nesterov: whether to use the look-ahead (Nadam) signal.
-      nu_dtype: dtype of the second-moment buffer; ``None`` keeps params'.
+      nu_dtype: dtype or storage format of the second-moment buffer (also
+        :func:`optax_snr.factored`); ``None`` keeps params'.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.

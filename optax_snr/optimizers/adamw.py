@@ -48,13 +48,15 @@ def adamw(
       b2: decay of the noise EMA (second raw moment), in [0, 1).
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the first-moment buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the first-moment buffer; ``None`` keeps params'.
       weight_decay: :math:`\lambda`, finite and ``>= 0``, or a schedule.
       mask: which params decay: a tree of booleans with the params' structure
         (or a prefix of it), or a callable returning one from the params.
         ``None`` decays all. The moments always cover every parameter.
       nesterov: whether to use the look-ahead (Nesterov) signal (NAdamW).
-      nu_dtype: dtype of the second-moment buffer; ``None`` keeps params'.
+      nu_dtype: dtype or storage format of the second-moment buffer (also
+        :func:`optax_snr.factored`); ``None`` keeps params'.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.

@@ -27,6 +27,8 @@ def ademamix(
     mu_dtype: jax.typing.DTypeLike | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdEMAMix: a drop-in for :func:`optax.contrib.ademamix`; AdamW with a slow EMA mixed in.
 
@@ -44,8 +46,9 @@ def ademamix(
     nu)``: :func:`~optax_snr.chain_as` files ``ema_moments``' ``mu`` under
     Optax's name ``m1`` and writes the one step count of the chain into both
     counters (Optax increments them together, so they are always equal; the
-    stages read ``count``). As in Optax, ``nu`` is kept in ``mu_dtype`` too;
-    unlike Optax, the buffers keep that dtype after an update.
+    stages read ``count``). As in Optax, ``nu`` is kept in ``mu_dtype`` too,
+    unless ``nu_dtype`` names its own; unlike Optax, the buffers keep their
+    dtype after an update.
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.
@@ -55,11 +58,16 @@ def ademamix(
       alpha: weight of the slow EMA, ``>= 0``, or a schedule.
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the three moment buffers; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...) of
+        the two signal buffers ``m1`` and ``m2``, and of ``nu`` unless
+        ``nu_dtype`` is given; ``None`` keeps params'.
       weight_decay: :math:`\lambda`, finite and ``>= 0``, or a schedule. The
         update needs ``params`` even when it is 0, as Optax's does.
       mask: which params decay: a tree of booleans with the params' structure
         (or a prefix of it), or a callable returning one; ``None`` decays all.
+      nu_dtype: dtype or storage format of the noise buffer ``nu`` (also
+        :func:`optax_snr.factored`). ``None`` stores it as ``mu_dtype``, as
+        Optax does (it has no such option).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -85,10 +93,12 @@ def ademamix(
     """
     validation.check_learning_rate(learning_rate)
     validation.check_scalar_or_schedule("weight_decay", weight_decay, low=0.0)
+    if nu_dtype is None:
+        nu_dtype = mu_dtype
     return optax.chain(
         chain_as(  # the stages' states as one Optax ScaleByAdemamixState
             optax.contrib.ScaleByAdemamixState,
-            ema_moments(b1, b2, mu_dtype, nu_dtype=mu_dtype),  # fast signal m1, noise v
+            ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),  # fast signal m1, noise v
             mixed_signal(b1, b2, b3, alpha, mu_dtype),  # m1_hat + alpha * m2, v_hat; owns count
             scale_by_snr(eps, eps_root),  # mixed signal / (sqrt(v_hat) + eps)
             fields={"m1": "mu", "count_m2": "count"},  # Optax's names for the same buffers

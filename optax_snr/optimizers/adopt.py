@@ -22,6 +22,7 @@ def adopt(
     nesterov: bool = False,
     use_clipping: bool = True,
     clip_value_fn: Callable[[jax.Array], jax.Array] = fourth_root,
+    nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ADOPT: a drop-in for :func:`optax.contrib.adopt`.
 
@@ -42,12 +43,16 @@ def adopt(
       b1: decay of the signal EMA (the average ratio), in [0, 1).
       b2: decay of the noise EMA, in [0, 1).
       eps: lower bound of the noise :math:`\sqrt{v}`, ``>= 0``.
-      mu_dtype: dtype of the ``mu`` buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...) of
+        the ``mu`` buffer (the averaged ratio); ``None`` keeps params'.
       nesterov: whether to use the look-ahead (Nesterov) signal.
       use_clipping: whether to clip the ratio to :math:`\pm c(t)`; the
         paper recommends it when training from scratch.
       clip_value_fn: :math:`c`, from the int32 step index to the clipping
         bound. Default :func:`fourth_root` (Optax's ``lambda x: x**0.25``).
+      nu_dtype: dtype or storage format of the noise buffer ``nu`` (also
+        :func:`optax_snr.factored`); ``None`` keeps params'. (Optax's
+        ``adopt`` has no such option.)
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -83,6 +88,7 @@ def adopt(
                 nesterov=nesterov,
                 use_clipping=use_clipping,
                 clip_value_fn=clip_value_fn,
+                nu_dtype=nu_dtype,
             ),
         ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate

@@ -22,6 +22,8 @@ def amsgrad(
     mu_dtype: jax.typing.DTypeLike | None = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
+    *,
+    nu_dtype: jax.typing.DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AMSGrad: a drop-in for :func:`optax.amsgrad`, as Adam's chain plus :func:`max_noise`.
 
@@ -42,11 +44,17 @@ def amsgrad(
       b2: decay of the noise EMA (second raw moment), in [0, 1).
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the first-moment buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the first-moment buffer; ``None`` keeps params'.
       bias_correction_mu: whether to bias-correct the signal. ``False``, with
         ``bias_correction_nu=False``, is the original paper's algorithm.
       bias_correction_nu: whether the running maximum is taken over the
         bias-corrected noise (``True``) or the raw EMA (``False``).
+      nu_dtype: dtype or storage format of both noise buffers, ``nu`` and
+        ``nu_max`` (also :func:`optax_snr.factored`); ``None`` keeps params',
+        as Optax does. Both hold the same kind of positive quantity, so one
+        argument serves them; the running maximum is taken at full precision
+        against the decoded ``nu_max``. (Optax's ``amsgrad`` has no such option.)
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -78,11 +86,11 @@ def amsgrad(
     return optax.chain(
         chain_as(  # the stages' states as one optax.ScaleByAmsgradState(count, mu, nu, nu_max)
             optax.ScaleByAmsgradState,
-            ema_moments(b1, b2, mu_dtype),  # signal m, noise v
+            ema_moments(b1, b2, mu_dtype, nu_dtype=nu_dtype),  # signal m, noise v
             bias_correction(
                 b1 if bias_correction_mu else 0.0, b2 if bias_correction_nu else 0.0
             ),  # m_hat, v_hat; owns count
-            max_noise(),  # v_max: the largest v_hat so far
+            max_noise(nu_dtype),  # v_max: the largest v_hat so far
             scale_by_snr(eps, eps_root),  # m_hat / (sqrt(v_max) + eps)
         ),
         optax.scale_by_learning_rate(learning_rate),  # times -learning_rate

@@ -44,10 +44,12 @@ def nadam(
       b2: decay of the noise EMA (second raw moment), in [0, 1).
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the first-moment buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the first-moment buffer; ``None`` keeps params'.
       nesterov: kept for the signature of :func:`optax.nadam` (a
         ``functools.partial`` of ``adam``); ``False`` gives plain Adam.
-      nu_dtype: dtype of the second-moment buffer; ``None`` keeps params'.
+      nu_dtype: dtype or storage format of the second-moment buffer (also
+        :func:`optax_snr.factored`); ``None`` keeps params'.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -102,13 +104,15 @@ def nadamw(
       b2: decay of the noise EMA (second raw moment), in [0, 1).
       eps: added to the noise outside the square root, ``>= 0``.
       eps_root: added to the noise inside the square root, ``>= 0``.
-      mu_dtype: dtype of the first-moment buffer; ``None`` keeps params'.
+      mu_dtype: dtype or storage format (:func:`optax_snr.quantized`, ...)
+        of the first-moment buffer; ``None`` keeps params'.
       weight_decay: :math:`\lambda`, finite and ``>= 0``, or a schedule.
       mask: which params decay: a tree of booleans with the params' structure
         (or a prefix of it), or a callable returning one; ``None`` decays all.
       nesterov: kept for the signature of :func:`optax.nadamw`; ``False``
         gives plain AdamW.
-      nu_dtype: dtype of the second-moment buffer; ``None`` keeps params'.
+      nu_dtype: dtype or storage format of the second-moment buffer (also
+        :func:`optax_snr.factored`); ``None`` keeps params'.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.

@@ -3,10 +3,12 @@
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_snr.storage.base import StorageFormat, StoredMoment, register_stored
 
@@ -87,63 +89,180 @@ def _levels(bits: int, signed: bool) -> int:
     return 2 ** (bits - 1) - 1 if signed else 2**bits
 
 
+class _Split(NamedTuple):
+    """How explicit sharding splits a leaf's last axis (``AxisType.Explicit`` meshes).
+
+    There a reshape of a sharded axis must say how its result is sharded, and
+    it can only cut the axis where every shard holds whole pieces. The block
+    arithmetic therefore runs on *units*: ``gcd(block size, shard length)``
+    entries, which never straddle a block or a shard. Where the shards hold
+    whole blocks a unit is a block; otherwise each unit's maximum is taken in
+    place and only these maxima (one per unit, not per entry) are gathered to
+    form the blocks' scales. Codes keep the leaf's sharding; scales too when
+    the shards hold equally many blocks, else they are replicated along the
+    last axis, as XLA's propagation leaves them on an auto-sharded mesh. At
+    4 bits a shard of odd length cannot hold whole bytes: there (and only
+    there) the last axis is gathered and the codes stay replicated along it.
+    """
+
+    mesh: Any  # The (abstract) mesh of the leaf's sharding.
+    lead: tuple[Any, ...]  # The partition spec of the leading axes.
+    last: Any  # The mesh axis (or axes) that split the last axis.
+    shards: int  # How many pieces the last axis is split into.
+
+    def sharding(self, *tail: Any) -> NamedSharding:
+        return NamedSharding(self.mesh, P(*self.lead, *tail))
+
+    def gather(self, x: jax.Array) -> jax.Array:
+        """``x`` with its last axis whole on every device (leading axes as they were)."""
+        return jax.sharding.reshard(x, self.sharding(None))
+
+    def place(self, x: jax.Array) -> jax.Array:
+        """``x`` sharded along its last axis as the leaf is, if its length divides."""
+        last = self.last if x.shape[-1] % self.shards == 0 else None
+        return jax.sharding.reshard(x, self.sharding(last))
+
+    def fits(self, length: int, bits: int) -> bool:
+        """Whether the shards hold equal parts (at 4 bits, of an even length)."""
+        local, rest = divmod(length, self.shards)
+        return rest == 0 and (bits == 8 or local % 2 == 0)
+
+
+def _split(x: jax.Array) -> _Split | None:
+    """The explicit sharding of ``x``'s last axis; ``None`` if it has none."""
+    sharding = jax.typeof(x).sharding
+    spec = tuple(getattr(sharding, "spec", ()))
+    if x.ndim == 0 or len(spec) != x.ndim or spec[-1] is None:
+        return None  # Unsharded, or sharded by XLA's propagation (AxisType.Auto).
+    names = (spec[-1],) if isinstance(spec[-1], str) else tuple(spec[-1])
+    shards = math.prod(sharding.mesh.shape[name] for name in names)
+    return _Split(sharding.mesh, spec[:-1], spec[-1], shards) if shards > 1 else None
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...], split: _Split | None) -> jax.Array:
+    """``x.reshape(shape)``; with a split last axis, sharded along the first new axis."""
+    if split is None:
+        return x.reshape(shape)
+    tail = [split.last] + [None] * (len(shape) - len(split.lead) - 1)
+    return jnp.reshape(x, shape, out_sharding=split.sharding(*tail))
+
+
+def _to_units(x: jax.Array, unit: int, split: _Split | None) -> jax.Array:
+    """``(*lead, length)`` to ``(*lead, units, unit)``, zero-padded (never when split)."""
+    *lead, length = x.shape
+    units = -(-length // unit)
+    if units * unit > length:
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, units * unit - length)])
+    return _reshape(x, (*lead, units, unit), split)
+
+
+def _from_units(x: jax.Array, length: int, split: _Split | None) -> jax.Array:
+    """``(*lead, units, unit)`` back to ``(*lead, length)``, the padding dropped."""
+    *lead, units, unit = x.shape
+    x = _reshape(x, (*lead, units * unit), split)
+    return x if units * unit == length else x[..., :length]
+
+
+def _unit_size(length: int, size: int, split: _Split | None) -> int:
+    return size if split is None else math.gcd(size, length // split.shards)
+
+
+def _block_scales(unit_max: jax.Array, count: int, per_block: int, split: _Split) -> jax.Array:
+    """Each block's largest magnitude from its units' (gathered: one value per unit)."""
+    unit_max = split.gather(unit_max)
+    pad = count * per_block - unit_max.shape[-1]  # the last block may be short
+    unit_max = jnp.pad(unit_max, [(0, 0)] * (unit_max.ndim - 1) + [(0, pad)])
+    return jnp.max(unit_max.reshape(*unit_max.shape[:-1], count, per_block), axis=-1)
+
+
+def _unit_scales(scales: jax.Array, units: int, per_block: int, split: _Split) -> jax.Array:
+    """Each unit's block scale, sharded with the units."""
+    scales = split.gather(scales)
+    spread = jnp.repeat(
+        scales, per_block, axis=-1, total_repeat_length=scales.shape[-1] * per_block
+    )
+    return split.place(spread[..., :units])
+
+
 # Jitted (inlined into an enclosing jit) so that the block reshapes of a sharded
 # leaf are left to XLA's sharding propagation, also when called eagerly.
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _encode(x, bits, block_size, shape, signed):
-    *lead, length = shape
+    length = shape[-1]
     count, size = _blocks(length, block_size)
-    pad = count * size - length
     x = x.astype(jnp.float32)
     if not signed:
         x = jnp.maximum(x, 0.0)
-    blocks = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
-    scales = jnp.max(jnp.abs(blocks), axis=-1)
-    safe = jnp.where(scales > 0, scales, 1.0)[..., None]
+    leaf = _split(x)  # where the codes and scales go at the end
+    split = leaf if leaf is not None and leaf.fits(length, bits) else None
+    if leaf is not None and split is None:
+        x = leaf.gather(x)
+    unit = _unit_size(length, size, split)
+    units = _to_units(x, unit, split)
+    unit_max = jnp.max(jnp.abs(units), axis=-1)
+    if unit == size:  # a unit is a block
+        scales = unit_scales = unit_max
+    else:
+        scales = _block_scales(unit_max, count, size // unit, split)
+        unit_scales = _unit_scales(scales, units.shape[-2], size // unit, split)
+    safe = jnp.where(unit_scales > 0, unit_scales, 1.0)[..., None]
     levels = jnp.asarray(_levels(bits, signed), jnp.float32)
     if signed:  # k = round(H sqrt(|x| / a)) with x's sign; stored as k + H.
-        k = jnp.round(levels * jnp.sqrt(jnp.abs(blocks) / safe))
-        codes = jnp.sign(blocks) * k + levels
+        k = jnp.round(levels * jnp.sqrt(jnp.abs(units) / safe))
+        codes = jnp.sign(units) * k + levels
     else:  # k = round(N (v / a)^(1/4)) - 1, at least 0.
-        k = jnp.round(levels * jnp.sqrt(jnp.sqrt(blocks / safe))) - 1.0
+        k = jnp.round(levels * jnp.sqrt(jnp.sqrt(units / safe))) - 1.0
         codes = jnp.clip(k, 0.0, levels - 1.0)
-    codes = codes.astype(jnp.uint8).reshape(*lead, count * size)[..., :length]
+    codes = _from_units(codes.astype(jnp.uint8), length, split)
     if bits == 4:
-        codes = _pack(codes)
+        codes = _pack(codes, split)
+    if leaf is not None:
+        codes, scales = leaf.place(codes), leaf.place(scales)
     return codes, scales
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _decode(codes, scales, bits, block_size, shape, signed):
-    *lead, length = shape
-    count, size = _blocks(length, block_size)
+    length = shape[-1]
+    _, size = _blocks(length, block_size)
+    leaf = _split(codes) or _split(scales)
+    split = leaf if leaf is not None and leaf.fits(length, bits) else None
+    if split is not None:  # the codes sharded as the leaf (encode leaves them so)
+        codes = split.place(codes)
+    elif leaf is not None:
+        codes, scales = leaf.gather(codes), leaf.gather(scales)
     if bits == 4:
-        codes = _unpack(codes, length)
+        codes = _unpack(codes, length, split)
     codes = codes.astype(jnp.float32)
     levels = jnp.asarray(_levels(bits, signed), jnp.float32)
     if signed:
         k = codes - levels
-        unit = jnp.sign(k) * jnp.square(k / levels)
+        values = jnp.sign(k) * jnp.square(k / levels)
     else:
-        unit = jnp.square(jnp.square((codes + 1.0) / levels))
-    pad = count * size - length
-    unit = jnp.pad(unit, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, count, size)
-    x = unit * scales[..., None]
-    return x.reshape(*lead, count * size)[..., :length]
+        values = jnp.square(jnp.square((codes + 1.0) / levels))
+    unit = _unit_size(length, size, split)
+    units = _to_units(values, unit, split)
+    if unit == size:
+        unit_scales = scales if split is None else split.place(scales)
+    else:
+        unit_scales = _unit_scales(scales, units.shape[-2], size // unit, split)
+    x = _from_units(units * unit_scales[..., None], length, split)
+    return x if leaf is None or split is not None else leaf.place(x)
 
 
-def _pack(codes: jax.Array) -> jax.Array:
+def _pack(codes: jax.Array, split: _Split | None = None) -> jax.Array:
     """Two 4-bit codes per byte along the last axis (an odd axis gets one pad code)."""
     *lead, length = codes.shape
     if length % 2:
         codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, 1)])
-    pairs = codes.reshape(*lead, -1, 2)
+    pairs = _reshape(codes, (*lead, (length + 1) // 2, 2), split)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
-def _unpack(packed: jax.Array, length: int) -> jax.Array:
+def _unpack(packed: jax.Array, length: int, split: _Split | None = None) -> jax.Array:
     codes = jnp.stack([packed & 15, packed >> 4], axis=-1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :length]
+    codes = _reshape(codes, (*packed.shape[:-1], 2 * packed.shape[-1]), split)
+    return codes if codes.shape[-1] == length else codes[..., :length]
 
 
 def quantized(bits: int = 8, block_size: int | None = None, *, min_size: int = 4096) -> Quantized:
@@ -166,7 +285,10 @@ def quantized(bits: int = 8, block_size: int | None = None, *, min_size: int = 4
       bits: 8 or 4.
       block_size: entries per scale, ``>= 1``; default 256
         at 8 bits and 128 at 4 bits (bitsandbytes' and torchao's choices).
-        Blocks run along the last axis, so they shard with it.
+        Blocks run along the last axis, so they shard with it, on
+        auto-sharded meshes and on meshes with ``AxisType.Explicit`` axes
+        alike; where a shard holds only part of a block, one maximum per
+        part crosses devices, never the entries.
       min_size: leaves with fewer entries stay float32, ``>= 0``.
 
     Returns:

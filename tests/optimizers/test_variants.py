@@ -207,10 +207,12 @@ def test_same_parameters_order_and_defaults_as_optax(variant):
                 np.testing.assert_array_equal(mine.default(steps), theirs.default(steps))
         else:
             assert mine.default == theirs.default, mine.name
-    # Anything we add (nu_dtype) comes after Optax's parameters, keyword-only.
+    # Anything we add (nu_dtype; mu_dtype where Optax has none) comes after
+    # Optax's parameters, keyword-only.
     extra = ours_params[len(reference_params) :]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
-    assert {p.name for p in extra} <= {"nu_dtype"}
+    assert {p.name for p in extra} <= {"mu_dtype", "nu_dtype"}
+    assert all(p.default is None for p in extra)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -37,7 +37,7 @@ OPTIMIZERS = {
     "scale_by_adam": lambda f, n: optax.chain(
         optax_snr.scale_by_adam(mu_dtype=f, nu_dtype=n), optax.scale_by_learning_rate(1e-2)
     ),
-    "amsgrad": lambda f, n: optax.chain(  # amsgrad's own signature has mu_dtype only
+    "amsgrad": lambda f, n: optax.chain(  # amsgrad's stages, chained by hand
         optax_snr.ema_moments(mu_dtype=f, nu_dtype=n),
         optax_snr.bias_correction(),
         optax_snr.max_noise(nu_dtype=n),
@@ -45,7 +45,7 @@ OPTIMIZERS = {
         optax.scale_by_learning_rate(1e-2),
     ),
     "amsgrad_mu": lambda f, n: optax_snr.amsgrad(1e-2, mu_dtype=f),
-    "adabelief": lambda f, n: optax.chain(  # adabelief's signature has no moment dtype
+    "adabelief": lambda f, n: optax.chain(  # adabelief's stages, chained by hand
         optax_snr.centered_moments(mu_dtype=f, nu_dtype=n),
         optax_snr.bias_correction(),
         optax_snr.scale_by_snr(eps=1e-16, eps_root=0.0),
