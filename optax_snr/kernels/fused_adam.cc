@@ -154,9 +154,9 @@ inline const uint8_t* RowCodes(const uint8_t* row, int64_t start, int64_t n, uin
     const uint8_t* __restrict__ bytes = row + ((start + j) >> 1);
     const int64_t pairs = (n - j) / 2;
     uint8_t* __restrict__ out = k + j;
-    for (int64_t b = 0; b < pairs; ++b) {
-      out[2 * b] = static_cast<uint8_t>(bytes[b] & 15);
-      out[2 * b + 1] = static_cast<uint8_t>(bytes[b] >> 4);
+    for (int64_t b = 0; b < pairs; ++b) {  // Byte (hi, lo) -> bytes lo, hi (little endian).
+      const uint16_t two = static_cast<uint16_t>((bytes[b] & 15) | ((bytes[b] >> 4) << 8));
+      std::memcpy(out + 2 * b, &two, sizeof two);
     }
     j += 2 * pairs;
     if (j < n) k[j] = static_cast<uint8_t>(row[(start + j) >> 1] & 15);
@@ -179,7 +179,9 @@ inline void StoreCodes(uint8_t* row, int64_t start, const uint8_t* k, int64_t n)
     const uint8_t* __restrict__ in = k + j;
     const int64_t pairs = (n - j) / 2;
     for (int64_t b = 0; b < pairs; ++b) {
-      bytes[b] = static_cast<uint8_t>(in[2 * b] | (in[2 * b + 1] << 4));
+      uint16_t two;
+      std::memcpy(&two, in + 2 * b, sizeof two);
+      bytes[b] = static_cast<uint8_t>((two & 15) | ((two >> 8) << 4));
     }
     j += 2 * pairs;
     if (j < n) {
