@@ -367,9 +367,9 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n## Whole train step, MLP {n / 1e6:.1f}M params, batch 32, CPU\n")
     print(
         "| moments | state B/param | peak MB (ratio) | temp MB | step ms (ratio) "
-        "| opt-only peak MB (ratio) | opt-only ms (ratio) |"
+        "| opt-only peak MB (ratio) | opt-only peak B/param | opt-only ms (ratio) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(
             f"| {name} | {r['state_bytes'] / n:.2f} "
@@ -378,6 +378,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
             f"| {r['step_ms']:.1f} ({r['step_ms'] / base['step_ms']:.2f}) "
             f"| {r['opt_peak_bytes'] / 2**20:.1f} "
             f"({r['opt_peak_bytes'] / base['opt_peak_bytes']:.2f}) "
+            f"| {r['opt_peak_bytes'] / n:.1f} "
             f"| {r['opt_ms']:.1f} ({r['opt_ms'] / base['opt_ms']:.2f}) |"
         )
     return results
