@@ -366,8 +366,10 @@ def fused_adam(
     (see :func:`build_fused_kernel`). It is an opaque custom call: ``step``
     cannot be differentiated; under :func:`jax.vmap` it runs the kernel once
     per batch element, in a loop; and under ``jax.jit`` with sharded
-    params XLA gathers the kernel's operands (correct, but replicated); call
-    ``step`` inside :func:`jax.shard_map` to update each shard where it lives.
+    params XLA gathers the kernel's operands (correct, but the results come
+    back replicated); call ``step`` inside :func:`jax.shard_map` to update
+    each shard of float32 moments where it lives (stored moments record their
+    leaf's global shape, so quantized ones cannot go into ``shard_map``).
 
     Args:
       learning_rate: a fixed step size (finite, ``>= 0``) or a schedule.
