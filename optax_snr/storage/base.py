@@ -274,6 +274,13 @@ def check_moment_state(stored: Any, spec: Any, updates: Any, *, stage: str, fiel
             ok = is_stored(s) and s.format == spec and tuple(s.shape) == tuple(u.shape)
         else:
             ok = not is_stored(s) and hasattr(s, "shape") and hasattr(s, "dtype")
+        if ok is False and is_stored(s) and s.format == spec:  # Same format, other shape.
+            raise ValueError(
+                f"{stage}: the state's leaf {where} holds {describe(s)}, but its update has "
+                f"shape {tuple(u.shape)}. A stored moment records its leaf's whole shape, so "
+                "the state must come from init on the same params, and a stored state cannot "
+                "be split by jax.shard_map (shard the params with a mesh under jax.jit instead)."
+            )
         if not ok:
             raise ValueError(
                 f"{stage}: the state's leaf {where} holds {describe(s)}, but this "

@@ -270,6 +270,14 @@ class CheckpointTest(parameterized.TestCase):
 
 
 class BadInputTest(parameterized.TestCase):
+    def test_a_state_of_other_shapes_names_both(self):
+        # Same format, other params (or a shard of them, as inside jax.shard_map).
+        fmt = optax_snr.quantized(bits=8, min_size=0)
+        tx = optax_snr.adam(1e-2, mu_dtype=fmt, nu_dtype=fmt)
+        state = tx.init({"w": jnp.ones((8, 64))})
+        with pytest.raises(ValueError, match=r"mu\['w'\].*\(8, 64\).*update has shape \(4, 64\)"):
+            tx.update({"w": jnp.ones((4, 64))}, state)
+
     @parameterized.parameters(jnp.int8, jnp.uint8, jnp.int32, bool)
     def test_integer_moment_dtypes_raise(self, dtype):
         for make in (
