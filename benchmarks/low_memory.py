@@ -216,7 +216,12 @@ def lm_task(
 
 
 def zipf_task(
-    steps: int, batch_seed: int = 0, vocab: int = 20_000, dim: int = 64, classes: int = 16
+    steps: int,
+    batch_seed: int = 0,
+    vocab: int = 20_000,
+    dim: int = 64,
+    classes: int = 16,
+    label_noise: float = 0.1,
 ):
     key_e, key_w = jax.random.split(jax.random.PRNGKey(0))
     params = {
@@ -230,7 +235,7 @@ def zipf_task(
 
     def draw(n, rng):
         tokens = rng.choice(vocab, size=n, p=p)
-        noisy = rng.uniform(size=n) < 0.1  # 10% label noise
+        noisy = rng.uniform(size=n) < label_noise  # 10% label noise by default
         y = np.where(noisy, rng.integers(0, classes, size=n), labels[tokens])
         return jnp.asarray(tokens, jnp.int32), jnp.asarray(y, jnp.int32)
 
@@ -254,9 +259,14 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     for task in args.tasks:
         make, default_steps = TASKS[task]
         steps = args.steps.get(task, default_steps)
-        params, loss_fn, batches, evaluate, base_lr = make(steps)
+        task_args = args.task_args.get(task, {})
+        params, loss_fn, batches, evaluate, base_lr = make(steps, **task_args)
         n_params = sum(x.size for x in jax.tree.leaves(params))
-        print(f"\n## {task}: {n_params:,} parameters, {steps} steps, default lr {base_lr:g}\n")
+        print(
+            f"\n## {task}: {n_params:,} parameters, {steps} steps, default lr {base_lr:g}"
+            + (f", {task_args}" if task_args else "")
+            + "\n"
+        )
         columns = list(optimizers(1.0)) + (["f32, other batches"] if args.floor else [])
         print("| lr | " + " | ".join(columns) + " |")
         print("|---|" + "---:|" * len(columns), flush=True)
@@ -272,7 +282,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 run_batches = batches
                 if name == "f32, other batches":
-                    _, _, run_batches, _, _ = make(steps, batch_seed=1)
+                    _, _, run_batches, _, _ = make(steps, **{**task_args, "batch_seed": 1})
                 with jax.numpy_dtype_promotion("standard"):
                     row[name], curve[name] = fit(
                         tx,
@@ -311,7 +321,7 @@ def print_curves(task: str, curves: dict[str, dict[str, dict[int, float]]]) -> N
     """For each learning rate: held-out loss at each checkpoint, relative to float32's."""
     for lr, curve in curves.items():
         base = curve["optax.adam (f32)"]
-        checkpoints = sorted(base)
+        checkpoints = sorted(base, key=int)  # int keys, or str keys read back from --json
         print(f"\n{task}, lr {lr}: held-out loss at each checkpoint (relative to f32)\n")
         print("| optimizer | " + " | ".join(f"step {c}" for c in checkpoints) + " |")
         print("|---|" + "---:|" * len(checkpoints))
@@ -432,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["quality", "memory"])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps", type=json.loads, default={}, help="e.g. '{\"lm\": 500}'")
+    parser.add_argument(
+        "--task-args",
+        type=json.loads,
+        default={},
+        help='keyword arguments of a task, e.g. \'{"zipf": {"label_noise": 0}}\'',
+    )
     parser.add_argument("--lr-factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0])
     parser.add_argument("--reps", type=int, default=20, help="timed steps (memory)")
     parser.add_argument(
