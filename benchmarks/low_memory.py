@@ -15,6 +15,12 @@ x3 of each task's default, on three tasks:
   drawn from a Zipf law, so rare rows get rare, tiny gradients; final loss on a
   held-out sample.
 
+``--eval-every N`` also scores the held-out set every N steps (a progress line
+per checkpoint goes to stderr) and prints each learning rate's loss curve, so a
+long run shows whether a format's gap to float32 grows or shrinks with
+training; ``--floor`` adds float32 Adam on another batch order (the task's
+run-to-run noise); ``--task-args`` passes keyword arguments to a task.
+
 ``python benchmarks/low_memory.py memory`` compiles a whole jitted, donated
 train step (forward, backward, optimizer) of a 16.8M-parameter MLP at batch 32
 on CPU and reports its peak memory from ``compiled.memory_analysis()``
