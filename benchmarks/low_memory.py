@@ -15,6 +15,12 @@ x3 of each task's default, on three tasks:
   drawn from a Zipf law, so rare rows get rare, tiny gradients; final loss on a
   held-out sample.
 
+``--eval-every N`` also scores the held-out set every N steps (a progress line
+per checkpoint goes to stderr) and prints each learning rate's loss curve, so a
+long run shows whether a format's gap to float32 grows or shrinks with
+training; ``--floor`` adds float32 Adam on another batch order (the task's
+run-to-run noise); ``--task-args`` passes keyword arguments to a task.
+
 ``python benchmarks/low_memory.py memory`` compiles a whole jitted, donated
 train step (forward, backward, optimizer) of a 16.8M-parameter MLP at batch 32
 on CPU and reports its peak memory from ``compiled.memory_analysis()``
@@ -67,7 +73,16 @@ def fit(
     batches: Callable[[int], tuple],
     steps: int,
     evaluate: Callable[[Any], float],
-) -> float:
+    eval_every: int = 0,
+    label: str = "",
+) -> tuple[float, dict[int, float]]:
+    """Trains ``steps`` steps; returns the final evaluation and ``{step: evaluation}``.
+
+    With ``eval_every > 0`` the model is also evaluated (and a progress line
+    goes to stderr) after every ``eval_every`` steps; the final step is always
+    in the curve.
+    """
+
     @jax.jit
     def step(params, state, *batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
@@ -75,9 +90,21 @@ def fit(
         return optax.apply_updates(params, updates), state, loss
 
     state = tx.init(params)
+    curve: dict[int, float] = {}
+    start = time.perf_counter()
     for i in range(steps):
-        params, state, _ = step(params, state, *batches(i))
-    return evaluate(params)
+        params, state, loss = step(params, state, *batches(i))
+        done = i + 1
+        if done == steps or (eval_every > 0 and done % eval_every == 0):
+            curve[done] = evaluate(params)
+            if eval_every > 0:
+                print(
+                    f"    {label} step {done}/{steps}: train {float(loss):.4f}, "
+                    f"held-out {curve[done]:.4f} ({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return curve[steps], curve
 
 
 # --- (a) digits: the demo's MLP ------------------------------------------------------
@@ -124,7 +151,14 @@ def stdlib_text(limit: int = 4_000_000) -> np.ndarray:
     return np.concatenate(chunks)[:limit]
 
 
-def lm_task(steps: int, width: int = 128, layers: int = 5, context: int = 64, batch: int = 16):
+def lm_task(
+    steps: int,
+    batch_seed: int = 0,
+    width: int = 128,
+    layers: int = 5,
+    context: int = 64,
+    batch: int = 16,
+):
     text = stdlib_text()
     held_out, text = text[-200_000:], text[:-200_000]
     vocab, heads = 128, 4
@@ -171,7 +205,7 @@ def lm_task(steps: int, width: int = 128, layers: int = 5, context: int = 64, ba
         logits = forward(params, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(batch_seed)
     starts = rng.integers(0, len(text) - context - 1, size=(steps, batch))
     windows = np.arange(context + 1)
 
@@ -188,7 +222,12 @@ def lm_task(steps: int, width: int = 128, layers: int = 5, context: int = 64, ba
 
 
 def zipf_task(
-    steps: int, batch_seed: int = 0, vocab: int = 20_000, dim: int = 64, classes: int = 16
+    steps: int,
+    batch_seed: int = 0,
+    vocab: int = 20_000,
+    dim: int = 64,
+    classes: int = 16,
+    label_noise: float = 0.1,
 ):
     key_e, key_w = jax.random.split(jax.random.PRNGKey(0))
     params = {
@@ -202,7 +241,7 @@ def zipf_task(
 
     def draw(n, rng):
         tokens = rng.choice(vocab, size=n, p=p)
-        noisy = rng.uniform(size=n) < 0.1  # 10% label noise
+        noisy = rng.uniform(size=n) < label_noise  # 10% label noise by default
         y = np.where(noisy, rng.integers(0, classes, size=n), labels[tokens])
         return jnp.asarray(tokens, jnp.int32), jnp.asarray(y, jnp.int32)
 
@@ -226,30 +265,47 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     for task in args.tasks:
         make, default_steps = TASKS[task]
         steps = args.steps.get(task, default_steps)
-        params, loss_fn, batches, evaluate, base_lr = make(steps)
+        task_args = args.task_args.get(task, {})
+        params, loss_fn, batches, evaluate, base_lr = make(steps, **task_args)
         n_params = sum(x.size for x in jax.tree.leaves(params))
-        print(f"\n## {task}: {n_params:,} parameters, {steps} steps, default lr {base_lr:g}\n")
+        print(
+            f"\n## {task}: {n_params:,} parameters, {steps} steps, default lr {base_lr:g}"
+            + (f", {task_args}" if task_args else "")
+            + "\n"
+        )
         columns = list(optimizers(1.0)) + (["f32, other batches"] if args.floor else [])
         print("| lr | " + " | ".join(columns) + " |")
-        print("|---|" + "---:|" * len(columns))
+        print("|---|" + "---:|" * len(columns), flush=True)
+        curves: dict[str, dict[str, dict[int, float]]] = {}
+        results[f"{task}/curves"] = curves  # {lr: {optimizer: {step: held-out loss}}}
         for factor in args.lr_factors:
             lr = base_lr * factor
-            row = {}
-            for name, tx in optimizers(lr).items():
+            row, curve = {}, {}
+            runs = list(optimizers(lr).items())
+            if args.floor:  # the same training on other batches: the task's noise floor
+                runs.append(("f32, other batches", optax.adam(lr)))
+            for name, tx in runs:
                 start = time.perf_counter()
+                run_batches = batches
+                if name == "f32, other batches":
+                    _, _, run_batches, _, _ = make(steps, **{**task_args, "batch_seed": 1})
                 with jax.numpy_dtype_promotion("standard"):
-                    row[name] = fit(tx, params, loss_fn, batches, steps, evaluate)
+                    row[name], curve[name] = fit(
+                        tx,
+                        params,
+                        loss_fn,
+                        run_batches,
+                        steps,
+                        evaluate,
+                        args.eval_every,
+                        f"{task} lr={lr:g} {name}",
+                    )
                 print(
                     f"  {task} lr={lr:g} {name}: {row[name]:.4f} "
                     f"({time.perf_counter() - start:.0f} s)",
                     file=sys.stderr,
+                    flush=True,
                 )
-            if args.floor and task != "lm":  # the same training, other batches
-                _, _, other_batches, _, _ = make(steps, batch_seed=1)
-                with jax.numpy_dtype_promotion("standard"):
-                    floor = fit(optax.adam(lr), params, loss_fn, other_batches, steps, evaluate)
-                print(f"  {task} lr={lr:g} f32, other batches: {floor:.4f}", file=sys.stderr)
-                row["f32, other batches"] = floor
             base = row["optax.adam (f32)"]
             cells = [f"{base:.4f}"] + [
                 f"{v:.4f} ({100 * (v / base - 1):+.1f}%)"
@@ -258,7 +314,33 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             ]
             print(f"| {lr:g} (x{factor:.3g}) | " + " | ".join(cells) + " |", flush=True)
             results[f"{task}/{lr:g}"] = row
+            curves[f"{lr:g}"] = curve
+            if args.json:  # written after every row, so a long run that is cut short keeps its rows
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+        if args.eval_every > 0:
+            print_curves(task, curves)
     return results
+
+
+def print_curves(task: str, curves: dict[str, dict[str, dict[int, float]]]) -> None:
+    """For each learning rate: held-out loss at each checkpoint, relative to float32's."""
+    for lr, curve in curves.items():
+        base = curve["optax.adam (f32)"]
+        checkpoints = sorted(base, key=int)  # int keys, or str keys read back from --json
+        print(f"\n{task}, lr {lr}: held-out loss at each checkpoint (relative to f32)\n")
+        print("| optimizer | " + " | ".join(f"step {c}" for c in checkpoints) + " |")
+        print("|---|" + "---:|" * len(checkpoints))
+        for name, points in curve.items():
+            if name == "optax.adam (f32)":
+                cells = [f"{points[c]:.4f}" for c in checkpoints]
+            else:
+                cells = [
+                    f"{points[c]:.4f} ({100 * (points[c] / base[c] - 1):+.1f}%)"
+                    for c in checkpoints
+                ]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    print(flush=True)
 
 
 # --- memory and time of a whole train step ----------------------------------------------
@@ -389,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=["quality", "memory"])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps", type=json.loads, default={}, help="e.g. '{\"lm\": 500}'")
+    parser.add_argument(
+        "--task-args",
+        type=json.loads,
+        default={},
+        help='keyword arguments of a task, e.g. \'{"zipf": {"label_noise": 0}}\'',
+    )
     parser.add_argument("--lr-factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0])
     parser.add_argument("--reps", type=int, default=20, help="timed steps (memory)")
     parser.add_argument(
@@ -399,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--floor", action="store_true", help="also train f32 Adam on other batches (noise floor)"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="quality: also evaluate (and log to stderr) every N steps, and print the curves",
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)

@@ -171,3 +171,40 @@ def test_low_memory_benchmark_reports_every_contender(tmp_path):
     assert results["8-bit"]["state_bytes"] > 1.8 * results["4-bit"]["state_bytes"]
     # The kernel keeps no float32 moments: its whole step peaks below float32 Adam's.
     assert results["8-bit, fused_adam.step"]["peak_bytes"] < base["peak_bytes"]
+
+
+def test_low_memory_quality_records_the_held_out_curve(tmp_path):
+    out = tmp_path / "quality.json"
+    proc = run_benchmark(
+        "low_memory.py",
+        "quality",
+        "--tasks",
+        "zipf",
+        "--steps",
+        '{"zipf": 4}',
+        "--lr-factors",
+        "1",
+        "--eval-every",
+        "2",
+        "--floor",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    columns = {
+        "optax.adam (f32)",
+        "8-bit",
+        "4-bit",
+        "bf16 stochastic",
+        "bf16 nearest",
+        "factored nu",
+        "f32, other batches",
+    }
+    final, curves = results["zipf/0.01"], results["zipf/curves"]["0.01"]
+    assert set(final) == set(curves) == columns
+    for name in columns:
+        assert set(curves[name]) == {"2", "4"}  # Every --eval-every steps and the last.
+        assert curves[name]["4"] == final[name] and math.isfinite(final[name])
+    assert "step 2/4: train" in proc.stderr  # The progress lines.
+    assert "| step 2 | step 4 |" in proc.stdout  # The curve table.
