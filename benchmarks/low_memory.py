@@ -52,11 +52,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optax_snr
 
 
-def optimizers(lr: float) -> dict[str, optax.GradientTransformation]:
-    """Float32 Optax Adam and optax_snr.adam with each way of storing the moments."""
-    q8, q4 = optax_snr.quantized(bits=8), optax_snr.quantized(bits=4)
+def optimizers(
+    lr: float, q4_block_size: int | None = None, only: list[str] | None = None
+) -> dict[str, optax.GradientTransformation]:
+    """Float32 Optax Adam and optax_snr.adam with each way of storing the moments.
+
+    ``only`` keeps those columns (and float32 Adam, the reference)."""
+    q8 = optax_snr.quantized(bits=8)
+    q4 = optax_snr.quantized(bits=4, block_size=q4_block_size)
     sr = optax_snr.stochastic_rounding(jnp.bfloat16)
-    return {
+    every = {
         "optax.adam (f32)": optax.adam(lr),
         "8-bit": optax_snr.adam(lr, mu_dtype=q8, nu_dtype=q8),
         "4-bit": optax_snr.adam(lr, mu_dtype=q4, nu_dtype=q4),
@@ -64,6 +69,8 @@ def optimizers(lr: float) -> dict[str, optax.GradientTransformation]:
         "bf16 nearest": optax_snr.adam(lr, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
         "factored nu": optax_snr.adam(lr, nu_dtype=optax_snr.factored()),
     }
+    keep = {"optax.adam (f32)", *(only or every)}
+    return {name: tx for name, tx in every.items() if name in keep}
 
 
 def fit(
@@ -273,7 +280,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             + (f", {task_args}" if task_args else "")
             + "\n"
         )
-        columns = list(optimizers(1.0)) + (["f32, other batches"] if args.floor else [])
+        columns = list(optimizers(1.0, only=args.only)) + (
+            ["f32, other batches"] if args.floor else []
+        )
         print("| lr | " + " | ".join(columns) + " |")
         print("|---|" + "---:|" * len(columns), flush=True)
         curves: dict[str, dict[str, dict[int, float]]] = {}
@@ -281,7 +290,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         for factor in args.lr_factors:
             lr = base_lr * factor
             row, curve = {}, {}
-            runs = list(optimizers(lr).items())
+            runs = list(optimizers(lr, args.q4_block_size, args.only).items())
             if args.floor:  # the same training on other batches: the task's noise floor
                 runs.append(("f32, other batches", optax.adam(lr)))
             for name, tx in runs:
@@ -479,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lr-factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0])
     parser.add_argument("--reps", type=int, default=20, help="timed steps (memory)")
+    parser.add_argument(
+        "--q4-block-size", type=int, default=None, help="quality: block_size of the 4-bit column"
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="quality: only these columns (and float32 Adam)"
+    )
     parser.add_argument(
         "--contenders", nargs="+", help="memory: only these rows (default: all)", default=None
     )
