@@ -238,8 +238,6 @@ struct Scratch {
 // One block: decode the old moments, step, then encode the new ones.
 template <int kMBits, int kVBits>
 void AdamBlock(const QLeaf& leaf, int64_t row, int64_t block, const float* s, Scratch& w) {
-  const float one_minus_b1 = s[0], b1 = s[1], one_minus_b2 = s[2], b2 = s[3];
-  const float r1 = s[4], r2 = s[5], eps_root = s[6], eps = s[7], neg_lr = s[8];
   const int64_t start = block * leaf.size;
   const int64_t n = std::min(leaf.size, leaf.length - start);
   float* m_scale = leaf.m.scales + row * leaf.count + block;
@@ -248,22 +246,15 @@ void AdamBlock(const QLeaf& leaf, int64_t row, int64_t block, const float* s, Sc
   uint8_t* v_row = leaf.v.codes + row * leaf.v.row_bytes;
   const uint8_t* __restrict__ mk = RowCodes<kMBits>(m_row, start, n, w.mk.data());
   const uint8_t* __restrict__ vk = RowCodes<kVBits>(v_row, start, n, w.vk.data());
-  const float* __restrict__ g = leaf.g + row * leaf.length + start;
-  float* __restrict__ p = leaf.p + row * leaf.length + start;
+  const float* g = leaf.g + row * leaf.length + start;
+  float* p = leaf.p + row * leaf.length + start;
   float* __restrict__ m = w.m.data();
   float* __restrict__ v = w.v.data();
   const float ms = *m_scale, vs = *v_scale;
   for (int64_t j = 0; j < n; ++j) m[j] = DecodeSignal<kMBits>(static_cast<float>(mk[j]), ms);
   for (int64_t j = 0; j < n; ++j) v[j] = DecodeNoise<kVBits>(static_cast<float>(vk[j]), vs);
-  for (int64_t j = 0; j < n; ++j) {
-    const float gi = g[j];
-    const float mi = std::fma(gi, one_minus_b1, m[j] * b1);
-    const float vi = std::fma(gi * gi, one_minus_b2, v[j] * b2);
-    const float u = (mi * r1) / (std::sqrt(std::fma(vi, r2, eps_root)) + eps);
-    p[j] = std::fma(u, neg_lr, p[j]);
-    m[j] = mi;
-    v[j] = std::max(vi, 0.0f);  // The stored noise is clamped at 0, as in the chain.
-  }
+  AdamRange(g, p, m, v, 0, n, s);  // The float32 kernel's step, on the decoded block.
+  for (int64_t j = 0; j < n; ++j) v[j] = std::max(v[j], 0.0f);  // Stored clamped, as in the chain.
   *m_scale = BlockScale(m, n);
   EncodeSignal<kMBits>(m, n, *m_scale, w.mk.data());
   StoreCodes<kMBits>(m_row, start, w.mk.data(), n);
