@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import pathlib
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +18,29 @@ import numpy as np
 import optax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]  # The repository root.
+
+
+def run_eight_device_worker(worker: pathlib.Path, *args: str, timeout: float = 300) -> dict:
+    """Runs ``worker`` in a subprocess on 8 simulated CPU devices; returns its JSON result.
+
+    ``XLA_FLAGS`` must be set before jax is imported, hence the subprocess. The
+    worker prints one JSON object, with ``device_count``, as its last line.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(worker), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["device_count"] == 8
+    return result
 
 
 @contextlib.contextmanager

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 
 WORKER = Path(__file__).with_name("_sharding_worker.py")
@@ -27,21 +26,7 @@ TOLERANCE = 1e-6  # float32: sharded reductions may be ordered differently.
 
 def run_worker(*args: str, timeout: float = 240) -> dict:
     """Runs ``_sharding_worker.py`` with 8 CPU devices; returns its JSON result."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["device_count"] == 8
-    return result
+    return helpers.run_eight_device_worker(WORKER, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,9 @@ Each format runs on an FSDP (1-D) and a data x model (2-D) mesh, with
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -40,21 +37,7 @@ def spec(entries) -> str:
 
 @pytest.fixture(scope="module")
 def worker():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(WORKER)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["device_count"] == 8
-    return result
+    return helpers.run_eight_device_worker(WORKER)
 
 
 @pytest.fixture(scope="module")
