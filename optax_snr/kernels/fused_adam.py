@@ -23,7 +23,7 @@ import optax
 
 from optax_snr.common.moments import correction, debias
 from optax_snr.optimizers.adam import adam
-from optax_snr.storage.quantized import Quantized, QuantizedMoment, block_layout
+from optax_snr.storage.quantized import QuantizedMoment, block_layout
 
 __all__ = ["FusedAdam", "build_fused_kernel", "fused_adam"]
 
@@ -295,10 +295,6 @@ def _same_blocks(m: Any, v: Any) -> bool:
     return (
         isinstance(m, QuantizedMoment)
         and isinstance(v, QuantizedMoment)
-        and isinstance(m.format, Quantized)
-        and isinstance(v.format, Quantized)
-        and m.signed
-        and not v.signed
         and block_layout(m) == block_layout(v)
     )
 
